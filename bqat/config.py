@@ -1,0 +1,44 @@
+"""Config helpers: the run-name resolver and validation of a composed config."""
+
+from __future__ import annotations
+
+import hashlib
+
+from omegaconf import DictConfig, OmegaConf
+
+from bqat.errors import UserError
+
+
+def short_hash(text: str) -> str:
+    """A stable 6-hex-digit digest (run folders and cache keys)."""
+    return hashlib.sha1(str(text).encode()).hexdigest()[:6]
+
+
+# Used by conf/train.yaml's run_name; must exist before Hydra composes.
+if not OmegaConf.has_resolver("bqat_hash"):
+    OmegaConf.register_new_resolver("bqat_hash", short_hash)
+
+
+def _check_bits(value, key: str, allow=()) -> None:
+    if str(value) in allow:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+        extra = f" or {'/'.join(allow)}" if allow else ""
+        raise UserError(f"{key} must be an integer from 1 to 8{extra}, got {value!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values that would fail later or train nonsense, with one clear line."""
+    _check_bits(cfg.bits.w, "bits.w")
+    _check_bits(cfg.bits.a, "bits.a")
+    _check_bits(cfg.bits.first_last, "bits.first_last", allow=("fp", "same"))
+    if cfg.trainer.epochs < 0:
+        raise UserError(f"trainer.epochs must be >= 0, got {cfg.trainer.epochs}")
+    if cfg.partner.epochs < 0:
+        raise UserError(f"partner.epochs must be >= 0, got {cfg.partner.epochs}")
+    if cfg.data.batch_size < 1:
+        raise UserError(f"data.batch_size must be at least 1, got {cfg.data.batch_size}")
+    for key in ("limit_train_batches", "limit_val_batches"):
+        value = cfg.trainer[key]
+        if value is not None and value < 1:
+            raise UserError(f"trainer.{key} must be a positive number of batches or null, got {value}")

@@ -1,0 +1,135 @@
+"""Datasets and loaders.
+
+Small datasets live in memory as tensors and are batched and augmented with tensor ops
+(airbench's habit): an epoch is never bound by image decoding. `build_data(cfg)` returns
+a `Data` with train/val loaders; each dataset is a function registered by name.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from bqat.errors import UserError
+
+DATASETS: dict[str, Callable] = {}
+
+
+def register_dataset(name: str):
+    def decorator(fn):
+        if name in DATASETS:
+            warnings.warn(f"dataset {name!r} registered twice; the later one wins", stacklevel=2)
+        DATASETS[name] = fn
+        return fn
+
+    return decorator
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random translation by up to `pad` pixels (zero fill), optional h-flip; batched."""
+    b, c, h, w = x.shape
+    if pad:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        di = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        dj = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        rows = (di[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dj[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        x = xp[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)[:, None, None, None]
+        x = torch.where(mask, x.flip(3), x)
+    return x
+
+
+class TensorLoader:
+    """Batches of (images, labels) from in-memory tensors; shuffled with its own generator.
+
+    `augment(x, generator)` runs on each training batch. `rank`/`world_size` shard each
+    epoch's permutation for data-parallel training (every rank gets len/world_size images).
+    """
+
+    def __init__(self, images, labels, batch_size, shuffle=False, drop_last=False, augment=None, seed=0, rank=0, world_size=1):
+        if batch_size < 1:
+            raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment = augment
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
+
+    def reseed(self, seed: int) -> None:
+        """Restart the shuffle/augmentation stream (so twin training never depends on partner training)."""
+        self.generator.manual_seed(seed)
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        idx = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        return idx[self.rank :: self.world_size] if self.world_size > 1 else idx
+
+    def __len__(self) -> int:
+        n = (len(self.labels) + self.world_size - 1 - self.rank) // self.world_size
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self._indices()
+        for start in range(0, len(idx), self.batch_size):
+            batch = idx[start : start + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                break
+            x, y = self.images[batch], self.labels[batch]
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
+            yield x, y
+
+
+@dataclass
+class Data:
+    train: TensorLoader
+    val: TensorLoader
+    num_classes: int
+    input_size: tuple[int, int, int]  # (C, H, W)
+    name: str
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed train/val split keeping class proportions (seeded independently of the run seed)."""
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = round(len(idx) * val_fraction)
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+@register_dataset("digits")
+def digits(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
+    """scikit-learn's 1797 handwritten digits (8x8, 0..16), upsampled to image_size, 3 channels."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
+    images = F.interpolate(images, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+    images = ((images - images.mean()) / images.std()).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    tr, va = stratified_split(labels, cfg.val_fraction)
+    pad = max(1, cfg.image_size // 16)
+
+    def augment(x, g):
+        return random_crop_flip(x, pad, flip=False, generator=g)
+
+    train = TensorLoader(images[tr], labels[tr], cfg.batch_size, shuffle=True, drop_last=True, augment=augment, seed=seed, rank=rank, world_size=world_size)
+    val = TensorLoader(images[va], labels[va], cfg.batch_size, rank=rank, world_size=world_size)
+    return Data(train, val, 10, (3, cfg.image_size, cfg.image_size), "digits")
+
+
+def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
+    if cfg.name not in DATASETS:
+        raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(sorted(DATASETS))} (data=<name>)")
+    return DATASETS[cfg.name](cfg, seed=seed, rank=rank, world_size=world_size)

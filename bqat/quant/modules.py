@@ -1,0 +1,57 @@
+"""Quantized Conv2d / Linear: the float layer plus optional weight and input quantizers.
+
+As in torchao's FakeQuantizedLinear, `from_float` shares the float layer's weight tensor,
+so a twin built from a model starts with exactly its weights.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+
+class _QuantMixin:
+    weight_quantizer: nn.Module | None
+    input_quantizer: nn.Module | None
+
+    def _attach(self, weight_quantizer, input_quantizer):
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
+    def quantized_input(self, x):
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def quantized_weight(self):
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+
+def _adopt(cls, layer: nn.Module, weight_quantizer, input_quantizer):
+    """A `cls` instance with `layer`'s attributes and the very same parameter tensors."""
+    q = cls.__new__(cls)
+    q.__dict__.update(layer.__dict__)
+    q._parameters = dict(layer._parameters)  # same weight/bias tensor objects
+    q._buffers = dict(layer._buffers)
+    q._modules = {}
+    q._attach(weight_quantizer, input_quantizer)
+    return q
+
+
+class QConv2d(_QuantMixin, nn.Conv2d):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quantizer, input_quantizer) -> "QConv2d":
+        return _adopt(cls, conv, weight_quantizer, input_quantizer)
+
+    def forward(self, x):
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QLinear(_QuantMixin, nn.Linear):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quantizer, input_quantizer) -> "QLinear":
+        return _adopt(cls, linear, weight_quantizer, input_quantizer)
+
+    def forward(self, x):
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+QUANT_MODULES = {nn.Conv2d: QConv2d, nn.Linear: QLinear}

@@ -1,0 +1,82 @@
+"""The low-bit twin: a deep copy of the FP model whose Conv2d/Linear layers quantize
+their weights and input activations (DESIGN.md). One module-swap function does it all."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+from torch import nn
+
+from bqat.errors import UserError
+from bqat.quant.modules import QUANT_MODULES
+from bqat.quant.registry import get_quantizer
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv2d and Linear layers in registration order (the order they run in for CNNs)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) in QUANT_MODULES]
+
+
+def first_last_names(model: nn.Module) -> tuple[str, str]:
+    """The first conv and the classifier: the layers the first/last-layer policy applies to."""
+    layers = quantizable_layers(model)
+    if not layers:
+        raise UserError("the model has no Conv2d or Linear layer to quantize")
+    first = layers[0][0]
+    last = layers[-1][0]
+    if hasattr(model, "get_classifier"):
+        clf = model.get_classifier()
+        last = next((n for n, m in layers if m is clf), last)
+    return first, last
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def layer_bits(name: str, bits_cfg, edges: tuple[str, str]) -> tuple[int, int] | None:
+    """(weight bits, activation bits) of one layer, or None to keep it in float."""
+    if name in edges:
+        policy = str(bits_cfg.first_last)
+        if policy == "fp":
+            return None
+        if policy != "same":
+            return int(policy), int(policy)
+    return int(bits_cfg.w), int(bits_cfg.a)
+
+
+def swap_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace every Conv2d/Linear `m` named `name` with make(name, m), unless it returns None."""
+    for name, module in quantizable_layers(model):
+        new = make(name, module)
+        if new is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model
+
+
+def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
+    """Deep copy of `fp` with quantized Conv2d/Linear layers, per the quant and bits configs."""
+    twin = copy.deepcopy(fp)
+    twin.train()
+    for p in twin.parameters():
+        p.requires_grad_(True)
+    if quant_cfg.name == "none":
+        return twin
+    quantizer = get_quantizer(quant_cfg.name)
+    edges = first_last_names(twin)
+    kwargs = {k: v for k, v in quant_cfg.items() if k not in ("name", "per_channel")}
+
+    def make(name, m):
+        bits = layer_bits(name, bits_cfg, edges)
+        if bits is None:
+            return None
+        per_channel = bool(quant_cfg.per_channel) or is_depthwise(m)
+        wq = quantizer(bits[0], "weight", per_channel=per_channel, channels=m.weight.shape[0], **kwargs)
+        aq = quantizer(bits[1], "act", **kwargs)
+        return QUANT_MODULES[type(m)].from_float(m, wq, aq)
+
+    return swap_modules(twin, make)

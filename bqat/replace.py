@@ -1,0 +1,186 @@
+"""BlockReplacement: the LP twin trained with mixed-precision paths through a frozen FP partner.
+
+A *path* is a string over {'q', 'f'}, one letter per block: 'q' runs the twin's block
+Q_k, 'f' the partner's F_k. The LP backbone is 'qqqq'; the paper's mixed path k is
+'q'*k + 'f'*(n-k); schedule `single` uses 'f'*(k-1) + 'q' + 'f'*(n-k). Paths are
+evaluated through a prefix memo, so a shared prefix (h_k of the LP backbone) is computed
+once per step and every path reuses it (DESIGN.md, step 2).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bqat.errors import UserError
+from bqat.models.split import split_blocks
+
+SCHEDULES: dict[str, type] = {}
+
+
+def register_schedule(name: str):
+    def decorator(cls):
+        if name in SCHEDULES:
+            warnings.warn(f"schedule {name!r} registered twice; the later one wins", stacklevel=2)
+        SCHEDULES[name] = cls
+        return cls
+
+    return decorator
+
+
+class Schedule:
+    """Which mixed paths a training step uses. `paths(n, generator)` returns path strings."""
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
+    def paths(self, n: int, generator: torch.Generator) -> list[str]:
+        raise NotImplementedError
+
+
+@register_schedule("prefix")
+class PrefixSchedule(Schedule):
+    """All n-1 mixed paths Q_1..Q_k -> F_{k+1}..F_n every step (the paper)."""
+
+    def paths(self, n, generator):
+        return [prefix_path(k, n) for k in range(1, n)]
+
+
+@register_schedule("none")
+class NoSchedule(Schedule):
+    """No mixed path: plain QAT."""
+
+    def paths(self, n, generator):
+        return []
+
+
+def prefix_path(k: int, n: int) -> str:
+    return "q" * k + "f" * (n - k)
+
+
+def build_schedule(cfg) -> Schedule:
+    if cfg.name not in SCHEDULES:
+        raise UserError(f"unknown schedule {cfg.name!r}; choose one of: {', '.join(sorted(SCHEDULES))}")
+    return SCHEDULES[cfg.name](cfg)
+
+
+def mix_weight(w_mix: float, decay: str, progress: float) -> float:
+    """w_mix at training progress in [0, 1]: constant, or decayed to 0 (linear / cosine)."""
+    if decay == "constant":
+        return w_mix
+    if decay == "linear":
+        return w_mix * (1.0 - progress)
+    if decay == "cosine":
+        return w_mix * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise UserError(f"unknown loss.w_mix_decay {decay!r}; choose constant, linear or cosine")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, scaled by T^2 (Hinton et al. 2015)."""
+    return F.kl_div(F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean", log_target=True) * T * T
+
+
+class BlockReplacement(nn.Module):
+    """Trains `twin` (LP) with mixed paths through `partner` (FP, frozen, eval mode)."""
+
+    def __init__(self, twin: nn.Module, partner: nn.Module, boundaries, schedule_cfg, loss_cfg, seed: int = 0):
+        super().__init__()
+        self.twin = twin
+        self.partner = partner.eval()
+        # Frozen: no updates and no weight gradients, but gradients flow through to inputs.
+        for p in self.partner.parameters():
+            p.requires_grad_(False)
+        self.lp_blocks = split_blocks(twin, boundaries)
+        self.fp_blocks = split_blocks(partner, boundaries)
+        self.n = len(boundaries)
+        self.schedule = build_schedule(schedule_cfg)
+        self.loss_cfg = loss_cfg
+        self.progress = 0.0  # fraction of training done, set by the engine (w_mix decay)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.partner.eval()  # BatchNorm of the partner always uses its running statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference is the twin alone: zero overhead."""
+        return self.twin(x)
+
+    def run_paths(self, x: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
+        """Outputs of each path, computing each distinct prefix once."""
+        memo: dict[str, torch.Tensor] = {"": x}
+        for path in paths:
+            for i in range(1, len(path) + 1):
+                prefix = path[:i]
+                if prefix in memo:
+                    continue
+                block = (self.lp_blocks if prefix[-1] == "q" else self.fp_blocks)[i - 1]
+                if "q" in prefix:
+                    memo[prefix] = block(memo[prefix[:-1]])
+                else:  # pure FP prefix: nothing trainable upstream, keep no graph
+                    with torch.no_grad():
+                        memo[prefix] = block(memo[prefix[:-1]])
+        return {p: memo[p] for p in paths}
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n, cfg = self.n, self.loss_cfg
+        lp_path, fp_path = "q" * n, "f" * n
+        mixed = self.schedule.paths(n, self.generator)
+        wanted = [lp_path] + mixed + ([fp_path] if cfg.w_kd > 0 else [])
+        out = self.run_paths(x, wanted)
+
+        ce_lp = F.cross_entropy(out[lp_path], y)
+        logs = {"ce/lp": ce_lp.detach()}
+        loss = ce_lp
+        if mixed:
+            ce_mixed = [F.cross_entropy(out[p], y) for p in mixed]
+            for p, ce in zip(mixed, ce_mixed):
+                logs[f"ce/{p}"] = ce.detach()
+            w_mix = mix_weight(cfg.w_mix, cfg.w_mix_decay, self.progress)
+            loss = loss + w_mix * torch.stack(ce_mixed).mean()
+            logs["w_mix"] = torch.tensor(w_mix)
+        if cfg.w_kd > 0:
+            z0 = out[fp_path]
+            kd = kd_loss(out[lp_path], z0, cfg.T)
+            if mixed:
+                kd = kd + torch.stack([kd_loss(out[p], z0, cfg.T) for p in mixed]).mean()
+            loss = loss + cfg.w_kd * kd
+            logs["kd"] = kd.detach()
+        logs["loss"] = loss.detach()
+        logs["acc/lp"] = (out[lp_path].argmax(1) == y).float().mean().detach()
+        return loss, logs
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of the LP twin ('lp') and of every prefix mixed path ('mixed_k')."""
+        paths = ["q" * self.n] + [prefix_path(k, self.n) for k in range(1, self.n)]
+        out = self.run_paths(x, paths)
+        result = {"lp": out[paths[0]]}
+        result.update({f"mixed_{k}": out[prefix_path(k, self.n)] for k in range(1, self.n)})
+        return result
+
+
+class Classifier(nn.Module):
+    """Plain supervised training of one model (the FP partner's recipe); same engine API."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.progress = 0.0
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, x, y):
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.detach(), "acc/fp": (logits.argmax(1) == y).float().mean().detach()}
+
+    @torch.no_grad()
+    def evaluate(self, x):
+        return {"fp": self.model(x)}

@@ -1,0 +1,163 @@
+"""The Hydra entry point: `bqat-train` / `python -m bqat.train`.
+
+`train(cfg)` is a flat sequence of builds (DESIGN.md, data flow):
+data -> FP model -> partner -> twin -> BlockReplacement -> fit -> metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import timm.optim
+import timm.scheduler
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from bqat import config as _config  # noqa: F401  (registers the run-name resolver)
+from bqat.config import validate
+from bqat.data import build_data
+from bqat.engine import FitState, atomic_save, fit, load_checkpoint, resolve_device
+from bqat.errors import UserError
+from bqat.models import build_model, check_split, model_boundaries
+from bqat.partner import get_partner
+from bqat.quant import make_twin
+from bqat.replace import BlockReplacement
+from bqat.report_console import print_summary
+
+log = logging.getLogger("bqat")
+
+# conf/ sits at the top level (DESIGN.md); an absolute path works for editable installs
+# whether the entry point is the console script or `python -m bqat.train`.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_scheduler(optimizer, cfg, updates_per_epoch: int):
+    sched = OmegaConf.to_container(cfg.optim.scheduler, resolve=True)
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer, num_epochs=max(cfg.trainer.epochs, 1), step_on_epochs=False, updates_per_epoch=updates_per_epoch, **sched
+    )
+    return scheduler
+
+
+def checkpoint_state(hybrid, optimizer, scheduler, state: FitState, cfg) -> dict:
+    return {
+        "twin": hybrid.twin.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "best_top1": state.best_top1,
+        "train_seconds": state.train_seconds,
+        "last_val": state.last_val,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def train(cfg: DictConfig) -> dict:
+    validate(cfg)
+    start = time.perf_counter()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    device = resolve_device(cfg.trainer.device)
+    seed_everything(cfg.seed)
+
+    data = build_data(cfg.data, seed=cfg.seed)
+    fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
+    boundaries = model_boundaries(fp, cfg.model)
+    check_split(fp, boundaries, data.input_size)
+    partner, partner_top1, partner_source = get_partner(fp, data, cfg, device)
+
+    # Twin training must not depend on whether the partner was trained or loaded.
+    seed_everything(cfg.seed)
+    data.train.reseed(cfg.seed)
+    twin = make_twin(partner, cfg.quant, cfg.bits)
+    hybrid = BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed).to(device)
+    optimizer = hydra.utils.instantiate(cfg.optim.optimizer)(hybrid.twin)
+    updates = len(data.train) if cfg.trainer.limit_train_batches is None else min(len(data.train), cfg.trainer.limit_train_batches)
+    scheduler = build_scheduler(optimizer, cfg, updates)
+
+    # Quantizer step sizes are initialised from a batch before the optimizer sees them.
+    init_x, _ = next(iter(data.train))
+    with torch.no_grad():
+        hybrid.twin.train()(init_x.to(device))
+
+    state, resumed_from = FitState(), None
+    last = run_dir / "checkpoints" / "last.pt"
+    if cfg.resume and last.is_file():
+        ckpt = load_checkpoint(last)
+        hybrid.twin.load_state_dict(ckpt["twin"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = FitState(ckpt["epoch"], ckpt["step"], ckpt["best_top1"], dict(ckpt.get("last_val", {})), ckpt.get("train_seconds", 0.0))
+        resumed_from = state.epoch
+        log.info(f"resuming from {last} at epoch {state.epoch}")
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    writer.add_scalar("partner/top1", partner_top1, 0)
+
+    def on_epoch_end(state: FitState, improved: bool) -> None:
+        ckpt = checkpoint_state(hybrid, optimizer, scheduler, state, cfg)
+        atomic_save(ckpt, last)
+        if improved:
+            atomic_save(ckpt, run_dir / "checkpoints" / "best.pt")
+        for name, module in hybrid.twin.named_modules():
+            step = getattr(module, "step", None)
+            if isinstance(step, torch.nn.Parameter):
+                writer.add_scalar(f"step_size/{name}", step.detach().float().mean(), state.step)
+
+    state = fit(hybrid, data, optimizer, scheduler, epochs=cfg.trainer.epochs, cfg=cfg.trainer, device=device,
+                state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end)
+    writer.close()
+
+    metrics = {
+        "top1": state.last_val.get("lp"),
+        "best_top1": state.best_top1 if state.epoch else None,
+        "epoch": state.epoch,
+        "model": cfg.model.name,
+        "quant": cfg.quant.name,
+        "schedule": cfg.schedule.name,
+        "bits_w": int(cfg.bits.w),
+        "bits_a": int(cfg.bits.a),
+        "first_last": str(cfg.bits.first_last),
+        "resumed_from_epoch": resumed_from,
+        "world_size": 1,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "train_seconds": round(state.train_seconds, 2),
+        "partner_top1": partner_top1,
+        "partner_source": partner_source,
+        "mixed_top1": [state.last_val[f"mixed_{k}"] for k in range(1, len(boundaries)) if f"mixed_{k}" in state.last_val],
+        "seed": cfg.seed,
+        "data": cfg.data.name,
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print_summary(metrics, run_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except UserError as err:
+        log.error(str(err))
+        print(f"bqat-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
