@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,3 +43,19 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.trainer[key]
         if value is not None and value < 1:
             raise UserError(f"trainer.{key} must be a positive number of batches or null, got {value}")
+
+
+_NUMERIC_GROUP = re.compile(r"^(\+{0,2}bits)=([0-9]+(?:,[0-9]+)*)$")
+
+
+def quote_numeric_groups(argv: list[str]) -> list[str]:
+    """`bits=2` / `bits=2,3,4` -> `bits='2'` / `bits='2','3','4'`.
+
+    Hydra parses 2 as an int, and a config-group override must be a string; quoting
+    keeps the natural spelling working for runs and sweeps alike.
+    """
+    out = []
+    for arg in argv:
+        m = _NUMERIC_GROUP.match(arg)
+        out.append(f"{m.group(1)}=" + ",".join(f"'{v}'" for v in m.group(2).split(",")) if m else arg)
+    return out

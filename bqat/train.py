@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from bqat import config as _config  # noqa: F401  (registers the run-name resolver)
-from bqat.config import validate
+from bqat.config import quote_numeric_groups, validate
 from bqat.data import build_data
 from bqat.engine import FitState, atomic_save, fit, load_checkpoint, resolve_device
 from bqat.errors import UserError
@@ -150,13 +150,19 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except UserError as err:
         log.error(str(err))
         print(f"bqat-train: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    """Console script `bqat-train` and `python -m bqat.train`."""
+    sys.argv[1:] = quote_numeric_groups(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def first_last_names(model: nn.Module) -> tuple[str, str]:
     """The first conv and the classifier: the layers the first/last-layer policy applies to."""
-    layers = quantizable_layers(model)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not layers:
         raise UserError("the model has no Conv2d or Linear layer to quantize")
     first = layers[0][0]

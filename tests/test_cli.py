@@ -1,0 +1,63 @@
+"""bqat-train as a user runs it: files written, sweeps sharing one cached partner."""
+
+import json
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, run_cli
+
+FAST = ["trainer.epochs=2", "partner.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.progress=false"]
+
+METRIC_KEYS = {"top1", "best_top1", "epoch", "model", "quant", "schedule", "bits_w", "bits_a", "first_last",
+               "resumed_from_epoch", "world_size", "wall_seconds", "partner_top1", "mixed_top1"}
+
+
+def test_short_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli([*FAST, f"hydra.run.dir={run_dir}", f"partner.cache_dir={tmp_path / 'partners'}"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["epoch"] == 2 and metrics["bits_w"] == 2 and metrics["schedule"] == "prefix"
+    assert metrics["first_last"] == "8" and metrics["resumed_from_epoch"] is None
+    assert len(metrics["mixed_top1"]) == 2  # resnet20: 3 blocks -> 2 mixed paths
+    assert 0 <= metrics["top1"] <= 100
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and {"twin", "optimizer", "scheduler", "config"} <= set(ckpt)
+    assert any(k.endswith("weight_quantizer.step") for k in ckpt["twin"])
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").stat().st_size > 0
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/ce/lp", "train/lr", "val/top1_lp", "val/top1_mixed_1", "partner/top1"} <= tags
+    assert any(t.startswith("step_size/") for t in tags)
+
+
+def test_sweep_over_bits_shares_one_cached_partner(tmp_path):
+    partners = tmp_path / "partners"
+    proc = run_cli(["-m", "bits=2,4", *FAST, "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'multirun'}", f"partner.cache_dir={partners}"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "multirun").glob("*/metrics.json"))
+    assert len(runs) == 2
+    metrics = [json.loads(p.read_text()) for p in runs]
+    assert sorted(m["bits_w"] for m in metrics) == [2, 4]
+    assert len({m["partner_source"] for m in metrics}) == 1
+    assert len(list(partners.glob("*.pt"))) == 1
+    assert metrics[0]["partner_top1"] == metrics[1]["partner_top1"]
+
+
+def test_numeric_bits_overrides_are_quoted_for_hydra():
+    from bqat.config import quote_numeric_groups
+
+    assert quote_numeric_groups(["bits=2", "-m", "bits=2,3,4", "bits.w=3", "seed=2"]) == [
+        "bits='2'", "-m", "bits='2','3','4'", "bits.w=3", "seed=2"]
+
+
+def test_every_bits_option_composes(compose_cfg):
+    for b in (2, 3, 4, 8):
+        cfg = compose_cfg(f"bits='{b}'")
+        assert (cfg.bits.w, cfg.bits.a, cfg.bits.first_last) == (b, b, 8)

@@ -1,0 +1,76 @@
+"""The low-bit twin: which layers are quantized, at which bits, on an integer grid."""
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+
+import bqat.models  # noqa: F401
+from bqat.quant import QConv2d, QLinear, make_twin
+from bqat.quant.twin import first_last_names
+
+
+def cfgs(quant="lsq", w=2, a=2, first_last=8, per_channel=False):
+    return OmegaConf.create({"name": quant, "per_channel": per_channel}), OmegaConf.create({"w": w, "a": a, "first_last": first_last})
+
+
+@pytest.fixture(scope="module")
+def fp():
+    torch.manual_seed(0)
+    return timm.create_model("resnet20", num_classes=10)
+
+
+def qlayers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))}
+
+
+def test_every_conv_and_linear_is_quantized_with_first_last_at_8_bits(fp):
+    twin = make_twin(fp, *cfgs())
+    twin(torch.randn(4, 3, 32, 32))
+    layers = qlayers(twin)
+    n_fp = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in fp.modules())
+    assert len(layers) == n_fp == 20
+    first, last = first_last_names(twin)
+    assert (first, last) == ("conv1", "fc")
+    for name, m in layers.items():
+        expected = 8 if name in (first, last) else 2
+        assert m.weight_quantizer.bits == m.input_quantizer.bits == expected, name
+
+
+def test_twin_weights_are_integers_in_range(fp):
+    """weight_q / step is an integer in [Qn, Qp] for every quantized layer."""
+    for per_channel in (False, True):
+        twin = make_twin(fp, *cfgs(per_channel=per_channel))
+        twin(torch.randn(4, 3, 32, 32))
+        for name, m in qlayers(twin).items():
+            wq = m.weight_quantizer
+            step = wq.step.reshape(wq.param_shape(m.weight))
+            codes = wq(m.weight) / step
+            assert torch.allclose(codes, codes.round(), atol=1e-4), name
+            assert codes.min() >= wq.qn - 1e-4 and codes.max() <= wq.qp + 1e-4, name
+            assert len(codes.round().unique()) <= 2**wq.bits
+
+
+def test_first_last_fp_policy_keeps_float_layers(fp):
+    twin = make_twin(fp, *cfgs(first_last="fp"))
+    assert type(twin.conv1) is torch.nn.Conv2d and type(twin.fc) is torch.nn.Linear
+    assert isinstance(twin.layer1[0].conv1, QConv2d)
+    same = make_twin(fp, *cfgs(first_last="same"))
+    assert same.conv1.weight_quantizer.bits == 2
+
+
+def test_twin_starts_from_fp_weights_and_leaves_fp_untouched(fp):
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    twin = make_twin(fp, *cfgs())
+    assert torch.equal(twin.layer2[0].conv1.weight, fp.layer2[0].conv1.weight)
+    assert twin.layer2[0].conv1.weight is not fp.layer2[0].conv1.weight
+    twin(torch.randn(2, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in fp.state_dict().items())
+
+
+def test_quant_none_is_a_float_copy(fp):
+    twin = make_twin(fp, *cfgs(quant="none"))
+    assert not qlayers(twin)
+    x = torch.randn(2, 3, 32, 32)
+    fp.eval(), twin.eval()
+    assert torch.equal(twin(x), fp(x))
