@@ -48,8 +48,11 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
 class TensorLoader:
     """Batches of (images, labels) from in-memory tensors; shuffled with its own generator.
 
-    `augment(x, generator)` runs on each training batch. `rank`/`world_size` shard each
-    epoch's permutation for data-parallel training (every rank gets len/world_size images).
+    `augment(x, generator)` runs on each training batch. `rank`/`world_size` shard it for
+    data-parallel training: every rank walks the same seeded permutation in *global*
+    batches of batch_size * world_size images, augments the whole global batch (same
+    random draws on every rank) and keeps its own slice. So a run on N ranks sees exactly
+    the batches, augmentations included, of one process with N times the batch size.
     """
 
     def __init__(self, images, labels, batch_size, shuffle=False, drop_last=False, augment=None, seed=0, rank=0, world_size=1):
@@ -65,24 +68,41 @@ class TensorLoader:
         """Restart the shuffle/augmentation stream (so twin training never depends on partner training)."""
         self.generator.manual_seed(seed)
 
+    def to(self, device) -> "TensorLoader":
+        """Keep the dataset on `device` (airbench: batches and augmentation never leave the GPU)."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Serve rank `rank` of `world_size` data-parallel processes from now on."""
+        self.rank, self.world_size = rank, world_size
+
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
-        idx = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        return idx[self.rank :: self.world_size] if self.world_size > 1 else idx
+        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
 
     def __len__(self) -> int:
-        n = (len(self.labels) + self.world_size - 1 - self.rank) // self.world_size
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, global_batch = len(self.labels), self.batch_size * self.world_size
+        if self.drop_last:
+            return n // global_batch
+        # A last global batch smaller than world_size leaves some ranks without a batch.
+        full, rest = divmod(n, global_batch)
+        return full + (1 if rest > self.rank else 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self._indices()
-        for start in range(0, len(idx), self.batch_size):
-            batch = idx[start : start + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
+        global_batch = self.batch_size * self.world_size
+        for start in range(0, len(idx), global_batch):
+            batch = idx[start : start + global_batch]
+            if self.drop_last and len(batch) < global_batch:
                 break
             x, y = self.images[batch], self.labels[batch]
             if self.augment is not None:
                 x = self.augment(x, self.generator)
+            if self.world_size > 1:
+                x, y = x.tensor_split(self.world_size)[self.rank], y.tensor_split(self.world_size)[self.rank]
+                if len(y) == 0:
+                    continue
             yield x, y
 
 
@@ -93,6 +113,15 @@ class Data:
     num_classes: int
     input_size: tuple[int, int, int]  # (C, H, W)
     name: str
+
+    def to(self, device) -> "Data":
+        self.train.to(device)
+        self.val.to(device)
+        return self
+
+    def shard(self, rank: int, world_size: int) -> None:
+        self.train.shard(rank, world_size)
+        self.val.shard(rank, world_size)
 
 
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

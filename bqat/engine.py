@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from bqat import dist
+from bqat.accel import Accel
 from bqat.errors import UserError
 
 log = logging.getLogger("bqat")
@@ -34,6 +36,7 @@ class FitState:
     best_top1: float = float("-inf")
     last_val: dict = field(default_factory=dict)
     train_seconds: float = 0.0
+    first_step_loss: float | None = None  # loss of the first update, averaged over ranks
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,23 +65,31 @@ def make_progress(enabled: bool) -> Progress:
     )
 
 
-def train_epoch(task, loader, optimizer, scheduler, state: FitState, *, epochs: int, cfg, device, writer=None, progress=None, bar=None) -> None:
+def train_epoch(task, loader, optimizer, scheduler, state: FitState, *, epochs: int, cfg, device, writer=None, progress=None, bar=None,
+                accel: Accel | None = None, distributed: bool = False) -> None:
     task.train()
+    accel = accel or Accel(cfg, device)
     n = num_batches(loader, cfg.limit_train_batches)
     log_every = max(1, int(cfg.log_every_n_steps))
     for i, (x, y) in enumerate(loader):
         if i >= n:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = accel.to_device(x, y)
         task.progress = (state.epoch + i / n) / epochs
-        loss, logs = task.training_step(x, y)
+        with accel.autocast():
+            loss, logs = task.training_step(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         state.step += 1
         scheduler.step_update(num_updates=state.step)
+        if state.first_step_loss is None:
+            first = {"loss": float(loss.detach())}
+            state.first_step_loss = (dist.mean_across_ranks(first) if distributed else first)["loss"]
         if state.step % log_every == 0 or i == n - 1:
             values = {k: float(v) for k, v in logs.items()}
+            if distributed:  # every rank reaches the same steps: log the means over ranks
+                values = dist.mean_across_ranks(values)
             check_finite(values, state)
             if writer is not None:
                 for k, v in values.items():
@@ -100,36 +111,51 @@ def check_finite(values: dict[str, float], state: FitState) -> None:
 
 
 @torch.no_grad()
-def evaluate(task, loader, *, limit=None, device) -> dict[str, float]:
-    """Top-1 (percent) of every output of `task.evaluate`, over the first `limit` batches."""
+def evaluate(task, loader, *, limit=None, device, accel: Accel | None = None, distributed: bool = False) -> dict[str, float]:
+    """Top-1 (percent) of every output of `task.evaluate`, over the first `limit` batches
+    (of every rank, counts summed over ranks when `distributed`)."""
     task.eval()
+    accel = accel or Accel({}, device)
     correct: dict[str, torch.Tensor] = {}
     total = 0
     for i, (x, y) in enumerate(loader):
         if limit is not None and i >= int(limit):
             break
-        x, y = x.to(device), y.to(device)
-        for name, logits in task.evaluate(x).items():
+        x, y = accel.to_device(x, y)
+        with accel.autocast():
+            outputs = task.evaluate(x)
+        for name, logits in outputs.items():
             correct[name] = correct.get(name, 0) + (logits.argmax(1) == y).sum()
         total += len(y)
-    return {name: 100.0 * float(c) / max(total, 1) for name, c in correct.items()}
+    counts = {name: float(c) for name, c in correct.items()} | {"": float(total)}
+    if distributed:
+        counts = dist.sum_across_ranks(counts)
+    total = counts.pop("")
+    return {name: 100.0 * c / max(total, 1) for name, c in counts.items()}
 
 
 def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: FitState | None = None, writer=None,
-        metric: str = "lp", desc: str = "train", on_epoch_end: Callable[[FitState, bool], None] | None = None) -> FitState:
-    """Train `task` until `epochs` epochs are done (continuing from `state` when resuming)."""
+        metric: str = "lp", desc: str = "train", on_epoch_end: Callable[[FitState, bool], None] | None = None,
+        accel: Accel | None = None, distributed: bool = False) -> FitState:
+    """Train `task` until `epochs` epochs are done (continuing from `state` when resuming).
+
+    `distributed`: `task` is a bqat.dist.DistributedTask; logs and evaluation are reduced
+    over ranks (every rank must call fit).
+    """
     state = state or FitState()
+    accel = accel or Accel(cfg, device)
     n_train = num_batches(data.train, cfg.limit_train_batches)
-    with make_progress(bool(cfg.progress)) as progress:
+    with make_progress(bool(cfg.progress) and dist.is_main()) as progress:
         overall = progress.add_task(f"{desc} epochs", total=epochs, completed=state.epoch, info="")
         for epoch in range(state.epoch, epochs):
             bar = progress.add_task(f"{desc} {epoch + 1}/{epochs}", total=n_train, info="")
             start = time.perf_counter()
-            train_epoch(task, data.train, optimizer, scheduler, state, epochs=epochs, cfg=cfg, device=device, writer=writer, progress=progress, bar=bar)
+            train_epoch(task, data.train, optimizer, scheduler, state, epochs=epochs, cfg=cfg, device=device, writer=writer, progress=progress, bar=bar,
+                        accel=accel, distributed=distributed)
             state.train_seconds += time.perf_counter() - start
             scheduler.step(epoch + 1)
             state.epoch = epoch + 1
-            state.last_val = evaluate(task, data.val, limit=cfg.limit_val_batches, device=device)
+            state.last_val = evaluate(task, data.val, limit=cfg.limit_val_batches, device=device, accel=accel, distributed=distributed)
             top1 = state.last_val[metric]
             improved = top1 > state.best_top1
             state.best_top1 = max(state.best_top1, top1)

@@ -58,8 +58,50 @@ class NoSchedule(Schedule):
         return []
 
 
+@register_schedule("single")
+class SingleSchedule(Schedule):
+    """One LP block alone inside the FP network: F_n..F_{k+1} Q_k F_{k-1}..F_1.
+
+    `k: null` uses every k = 1..n each step; an int (1-based) only that block. The pure FP
+    prefixes F_{k-1}..F_1 carry no gradient and are shared between paths (prefix memo).
+    """
+
+    def paths(self, n, generator):
+        k = None if self.cfg is None else self.cfg.get("k")
+        if k is None:
+            return [single_path(k, n) for k in range(1, n + 1)]
+        if not 1 <= int(k) <= n:
+            raise UserError(f"schedule.k={k} but the model has {n} blocks; use 1..{n} or null (all)")
+        return [single_path(int(k), n)]
+
+
+@register_schedule("sampled")
+class SampledSchedule(Schedule):
+    """One mixed path per step, drawn uniformly from another schedule's paths (`pool`, default prefix)."""
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        pool = "prefix" if cfg is None else cfg.get("pool", "prefix")
+        if pool not in SCHEDULES or pool == "sampled":
+            raise UserError(f"schedule.pool={pool!r}; choose one of: {', '.join(sorted(set(SCHEDULES) - {'sampled'}))}")
+        self.pool = SCHEDULES[pool](cfg)
+
+    def paths(self, n, generator):
+        pool = self.pool.paths(n, generator)
+        if not pool:
+            return []
+        # Drawn with the BlockReplacement's own generator: every DDP rank draws the same path.
+        return [pool[int(torch.randint(len(pool), (1,), generator=generator))]]
+
+
 def prefix_path(k: int, n: int) -> str:
+    """The paper's mixed path k: Q_1..Q_k then F_{k+1}..F_n."""
     return "q" * k + "f" * (n - k)
+
+
+def single_path(k: int, n: int) -> str:
+    """Block k of the twin alone inside the partner: F_1..F_{k-1}, Q_k, F_{k+1}..F_n."""
+    return "f" * (k - 1) + "q" + "f" * (n - k)
 
 
 def build_schedule(cfg) -> Schedule:
@@ -101,6 +143,8 @@ class BlockReplacement(nn.Module):
         self.loss_cfg = loss_cfg
         self.progress = 0.0  # fraction of training done, set by the engine (w_mix decay)
         self.generator = torch.Generator().manual_seed(seed)
+        # What run_paths calls for 'q' and 'f': the blocks, or compiled versions (bqat.accel).
+        self.runners: dict[str, list] = {"q": list(self.lp_blocks), "f": list(self.fp_blocks)}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -119,7 +163,7 @@ class BlockReplacement(nn.Module):
                 prefix = path[:i]
                 if prefix in memo:
                     continue
-                block = (self.lp_blocks if prefix[-1] == "q" else self.fp_blocks)[i - 1]
+                block = self.runners[prefix[-1]][i - 1]
                 if "q" in prefix:
                     memo[prefix] = block(memo[prefix[:-1]])
                 else:  # pure FP prefix: nothing trainable upstream, keep no graph

@@ -19,10 +19,13 @@ import timm.optim
 import timm.scheduler
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from bqat import config as _config  # noqa: F401  (registers the run-name resolver)
+from bqat import dist
+from bqat.accel import Accel, compile_blocks, compile_settings
 from bqat.config import quote_numeric_groups, validate
 from bqat.data import build_data
 from bqat.engine import FitState, atomic_save, fit, load_checkpoint, resolve_device
@@ -64,6 +67,8 @@ def checkpoint_state(hybrid, optimizer, scheduler, state: FitState, cfg) -> dict
         "best_top1": state.best_top1,
         "train_seconds": state.train_seconds,
         "last_val": state.last_val,
+        "first_step_loss": state.first_step_loss,
+        "generator": hybrid.generator.get_state(),  # the sampled schedule's draws continue on resume
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -71,29 +76,40 @@ def checkpoint_state(hybrid, optimizer, scheduler, state: FitState, cfg) -> dict
 def train(cfg: DictConfig) -> dict:
     validate(cfg)
     start = time.perf_counter()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    device = resolve_device(cfg.trainer.device)
+    dist.check_launch(HydraConfig.get().mode == RunMode.MULTIRUN)
+    device = dist.setup(resolve_device(cfg.trainer.device))  # joins torchrun's process group, if any
+    distributed, is_main = dist.is_distributed(), dist.is_main()
+    run_dir = dist.agree_run_dir(Path(HydraConfig.get().runtime.output_dir))
+    accel = Accel(cfg.trainer, device)
+    use_compile, compile_backend, compile_mode = compile_settings(cfg.trainer)
     seed_everything(cfg.seed)
 
     data = build_data(cfg.data, seed=cfg.seed)
+    if device.type == "cuda":
+        data.to(device)  # in-memory datasets live on the GPU
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model)
     check_split(fp, boundaries, data.input_size)
-    partner, partner_top1, partner_source = get_partner(fp, data, cfg, device)
+    with dist.rank_zero_first():  # trained once, on all the data, by rank 0; read from the cache by the others
+        partner, partner_top1, partner_source = get_partner(fp, data, cfg, device)
+    data.shard(dist.rank(), dist.world_size())
 
     # Twin training must not depend on whether the partner was trained or loaded.
     seed_everything(cfg.seed)
     data.train.reseed(cfg.seed)
     twin = make_twin(partner, cfg.quant, cfg.bits)
-    hybrid = BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed).to(device)
+    if distributed and cfg.trainer.get("sync_bn", True):
+        twin = dist.convert_sync_batchnorm(twin, device)
+    hybrid = accel.prepare(BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed))
     optimizer = hydra.utils.instantiate(cfg.optim.optimizer)(hybrid.twin)
     updates = len(data.train) if cfg.trainer.limit_train_batches is None else min(len(data.train), cfg.trainer.limit_train_batches)
     scheduler = build_scheduler(optimizer, cfg, updates)
 
     # Quantizer step sizes are initialised from a batch before the optimizer sees them.
-    init_x, _ = next(iter(data.train))
+    # Under DDP the ranks average what they initialised (Quantizer.initialize).
+    init_x, _ = accel.to_device(*next(iter(data.train)))
     with torch.no_grad():
-        hybrid.twin.train()(init_x.to(device))
+        hybrid.twin.train()(init_x)
 
     state, resumed_from = FitState(), None
     last = run_dir / "checkpoints" / "last.pt"
@@ -102,14 +118,24 @@ def train(cfg: DictConfig) -> dict:
         hybrid.twin.load_state_dict(ckpt["twin"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        state = FitState(ckpt["epoch"], ckpt["step"], ckpt["best_top1"], dict(ckpt.get("last_val", {})), ckpt.get("train_seconds", 0.0))
+        state = FitState(ckpt["epoch"], ckpt["step"], ckpt["best_top1"], dict(ckpt.get("last_val", {})), ckpt.get("train_seconds", 0.0),
+                         ckpt.get("first_step_loss"))
+        if "generator" in ckpt:
+            hybrid.generator.set_state(ckpt["generator"])
         resumed_from = state.epoch
         log.info(f"resuming from {last} at epoch {state.epoch}")
 
-    writer = SummaryWriter(str(run_dir / "tb"))
-    writer.add_scalar("partner/top1", partner_top1, 0)
+    if use_compile:  # after initialisation and resume: the graphs see initialised quantizers
+        compile_blocks(hybrid, backend=compile_backend, mode=compile_mode)
+    task = dist.DistributedTask(hybrid, device) if distributed else hybrid
+
+    writer = SummaryWriter(str(run_dir / "tb")) if is_main else None  # rank 0 alone writes
+    if writer is not None:
+        writer.add_scalar("partner/top1", partner_top1, 0)
 
     def on_epoch_end(state: FitState, improved: bool) -> None:
+        if not is_main:
+            return
         ckpt = checkpoint_state(hybrid, optimizer, scheduler, state, cfg)
         atomic_save(ckpt, last)
         if improved:
@@ -119,9 +145,10 @@ def train(cfg: DictConfig) -> dict:
             if isinstance(step, torch.nn.Parameter):
                 writer.add_scalar(f"step_size/{name}", step.detach().float().mean(), state.step)
 
-    state = fit(hybrid, data, optimizer, scheduler, epochs=cfg.trainer.epochs, cfg=cfg.trainer, device=device,
-                state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end)
-    writer.close()
+    state = fit(task, data, optimizer, scheduler, epochs=cfg.trainer.epochs, cfg=cfg.trainer, device=device,
+                state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end, accel=accel, distributed=distributed)
+    if writer is not None:
+        writer.close()
 
     metrics = {
         "top1": state.last_val.get("lp"),
@@ -134,7 +161,7 @@ def train(cfg: DictConfig) -> dict:
         "bits_a": int(cfg.bits.a),
         "first_last": str(cfg.bits.first_last),
         "resumed_from_epoch": resumed_from,
-        "world_size": 1,
+        "world_size": dist.world_size(),
         "wall_seconds": round(time.perf_counter() - start, 2),
         "train_seconds": round(state.train_seconds, 2),
         "partner_top1": partner_top1,
@@ -143,9 +170,14 @@ def train(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "data": cfg.data.name,
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "first_step_loss": state.first_step_loss,
+        "precision": str(cfg.trainer.get("precision", "fp32")),
+        "compile": use_compile,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print_summary(metrics, run_dir)
+    if is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print_summary(metrics, run_dir)
+    dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return metrics
 
 
@@ -157,11 +189,13 @@ def hydra_main(cfg: DictConfig) -> None:
         log.error(str(err))
         print(f"bqat-train: error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        dist.teardown()
 
 
 def main() -> None:
     """Console script `bqat-train` and `python -m bqat.train`."""
-    sys.argv[1:] = quote_numeric_groups(sys.argv[1:])
+    sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(sys.argv[1:]))
     hydra_main()
 
 

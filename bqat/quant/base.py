@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bqat import dist
+
 
 class Quantizer(nn.Module):
     """Fake-quantizes a weight or activation tensor onto an integer grid [qn, qp].
@@ -59,9 +61,13 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
+        # Under DDP every rank sees a different slice of the first batch; the ranks agree
+        # on the grid (signed if any saw a negative value) and average what init_params
+        # set, so all start from the same step sizes (no-ops in a single process).
         if self.kind == "act":
-            self.signed = bool(x.min() < 0)
+            self.signed = dist.any_across_ranks(bool(x.min() < 0), device=x.device)
         self.init_params(x)
+        dist.average_across_ranks([*self.parameters(), *self.buffers()])
         self.initialized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
