@@ -88,8 +88,11 @@ def compile_blocks(hybrid, backend: str = "inductor", mode: str | None = None) -
     tensors in place, so optimizer, checkpoints and DDP see the same modules as eager.
     """
     raise_recompile_limit()
+    # dynamic=False: the blocks share one code object (Block.__call__), so without it dynamo
+    # would read block 2's input shape as a *change* of block 1's and recompile every block
+    # for symbolic shapes (slower code, and inductor fails on LSQ's shape-dependent scale).
     hybrid.runners = {
-        kind: [torch.compile(block, backend=backend, mode=mode) for block in blocks]
+        kind: [torch.compile(block, backend=backend, mode=mode, dynamic=False) for block in blocks]
         for kind, blocks in (("q", hybrid.lp_blocks), ("f", hybrid.fp_blocks))
     }
 

@@ -30,6 +30,7 @@ from bqat.config import quote_numeric_groups, validate
 from bqat.data import build_data
 from bqat.engine import FitState, atomic_save, fit, load_checkpoint, resolve_device
 from bqat.errors import UserError
+from bqat.launch import show_sweep_config
 from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.quant import make_twin
@@ -196,6 +197,8 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console script `bqat-train` and `python -m bqat.train`."""
     sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(sys.argv[1:]))
+    if show_sweep_config(sys.argv[1:], CONF_DIR):  # `-m ... --cfg hydra`, which Hydra 1.3 refuses
+        return
     hydra_main()
 
 
