@@ -37,20 +37,22 @@ def cache_key(cfg) -> str:
     return f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}-{short_hash(text)}"
 
 
-def load_state_dict_into(model: nn.Module, state: dict, source: str) -> None:
-    """Load FP weights, naming mismatching keys in one line when they do not fit."""
+def load_state_dict_into(model: nn.Module, state: dict, source: str, hint: str = "check model= and the checkpoint") -> None:
+    """Load weights, naming mismatching keys in one line when they do not fit."""
+    if not isinstance(state, dict):
+        raise UserError(f"{source} holds no state_dict; {hint}")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    shape = sorted(k for k in set(own) & set(state) if hasattr(own[k], "shape") and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ())))
     if missing or unexpected or shape:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
             if keys:
                 parts.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
-        raise UserError(f"{source} does not fit model {type(model).__name__} ({'; '.join(parts)}); check model= and the checkpoint")
+        raise UserError(f"{source} does not fit model {type(model).__name__} ({'; '.join(parts)}); {hint}")
     model.load_state_dict(state)
 
 

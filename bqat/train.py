@@ -25,13 +25,15 @@ from torch.utils.tensorboard import SummaryWriter
 from bqat import config as _config  # noqa: F401  (registers the run-name resolver)
 from bqat.config import quote_numeric_groups, validate
 from bqat.data import build_data
-from bqat.engine import FitState, atomic_save, fit, load_checkpoint, resolve_device
-from bqat.errors import UserError
+from bqat.engine import FitState, fit, resolve_device
+from bqat.errors import UserError, fail, one_line_hydra_errors
 from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
+from bqat.preempt import stop_on_signals
 from bqat.quant import make_twin
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
+from bqat.resume import RunCheckpoint, prepare_run_dir
 
 log = logging.getLogger("bqat")
 
@@ -54,24 +56,12 @@ def build_scheduler(optimizer, cfg, updates_per_epoch: int):
     return scheduler
 
 
-def checkpoint_state(hybrid, optimizer, scheduler, state: FitState, cfg) -> dict:
-    return {
-        "twin": hybrid.twin.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": state.epoch,
-        "step": state.step,
-        "best_top1": state.best_top1,
-        "train_seconds": state.train_seconds,
-        "last_val": state.last_val,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-
-
 def train(cfg: DictConfig) -> dict:
     validate(cfg)
     start = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if (finished := prepare_run_dir(run_dir, cfg)) is not None:
+        return finished  # a re-run sweep skips the runs that are done
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.seed)
 
@@ -95,32 +85,24 @@ def train(cfg: DictConfig) -> dict:
     with torch.no_grad():
         hybrid.twin.train()(init_x.to(device))
 
-    state, resumed_from = FitState(), None
-    last = run_dir / "checkpoints" / "last.pt"
-    if cfg.resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        hybrid.twin.load_state_dict(ckpt["twin"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = FitState(ckpt["epoch"], ckpt["step"], ckpt["best_top1"], dict(ckpt.get("last_val", {})), ckpt.get("train_seconds", 0.0))
-        resumed_from = state.epoch
-        log.info(f"resuming from {last} at epoch {state.epoch}")
+    # Last before fit: resuming restores the random states too.
+    ckpt = RunCheckpoint(run_dir, cfg, hybrid, optimizer, scheduler, data.train, partner_source)
+    state = ckpt.restore()
+    resumed_from = ckpt.resumed_from_epoch
 
-    writer = SummaryWriter(str(run_dir / "tb"))
+    # Resuming drops the events logged after the checkpoint (they are trained again).
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=None if resumed_from is None else state.step + 1)
     writer.add_scalar("partner/top1", partner_top1, 0)
 
     def on_epoch_end(state: FitState, improved: bool) -> None:
-        ckpt = checkpoint_state(hybrid, optimizer, scheduler, state, cfg)
-        atomic_save(ckpt, last)
-        if improved:
-            atomic_save(ckpt, run_dir / "checkpoints" / "best.pt")
+        ckpt.save(state, best=improved)
         for name, module in hybrid.twin.named_modules():
             step = getattr(module, "step", None)
             if isinstance(step, torch.nn.Parameter):
                 writer.add_scalar(f"step_size/{name}", step.detach().float().mean(), state.step)
 
     state = fit(hybrid, data, optimizer, scheduler, epochs=cfg.trainer.epochs, cfg=cfg.trainer, device=device,
-                state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end)
+                state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end, on_stop=ckpt.save)
     writer.close()
 
     metrics = {
@@ -152,17 +134,18 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
     try:
-        train(cfg)
+        with stop_on_signals():  # SIGTERM/SIGUSR1: finish the step, save, exit
+            train(cfg)
     except UserError as err:
         log.error(str(err))
-        print(f"bqat-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
 
 
 def main() -> None:
     """Console script `bqat-train` and `python -m bqat.train`."""
     sys.argv[1:] = quote_numeric_groups(sys.argv[1:])
-    hydra_main()
+    with one_line_hydra_errors():
+        hydra_main()
 
 
 if __name__ == "__main__":
