@@ -37,9 +37,10 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     assert any(t.startswith("step_size/") for t in tags)
 
 
-def test_sweep_over_bits_shares_one_cached_partner(tmp_path):
+def test_sweep_over_bits_shares_one_cached_partner_and_a_rerun_skips_finished_runs(tmp_path):
     partners = tmp_path / "partners"
-    proc = run_cli(["-m", "bits=2,4", *FAST, "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'multirun'}", f"partner.cache_dir={partners}"], cwd=ROOT)
+    sweep = ["-m", "bits=2,4", *FAST, "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'multirun'}", f"partner.cache_dir={partners}"]
+    proc = run_cli(sweep, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted((tmp_path / "multirun").glob("*/metrics.json"))
     assert len(runs) == 2
@@ -48,6 +49,14 @@ def test_sweep_over_bits_shares_one_cached_partner(tmp_path):
     assert len({m["partner_source"] for m in metrics}) == 1
     assert len(list(partners.glob("*.pt"))) == 1
     assert metrics[0]["partner_top1"] == metrics[1]["partner_top1"]
+
+    written = {p: p.read_text() for p in runs}
+    again = run_cli(sweep, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for path, text in written.items():
+        assert path.read_text() == text
+        assert "already finished" in (path.parent / "train.log").read_text()
+    assert not (path.parent / "previous").exists()
 
 
 def test_numeric_bits_overrides_are_quoted_for_hydra():
