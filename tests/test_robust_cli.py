@@ -25,6 +25,12 @@ def numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMES | {"resumed_from_epoch"}}
 
 
+def same_twin(run_a, run_b) -> bool:
+    """The final twins (weights, step sizes, BN statistics) are bit-identical."""
+    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True)["twin"] for r in (run_a, run_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
 def command(run_dir, partners):
     return [*FAST, f"hydra.run.dir={run_dir}", f"partner.cache_dir={partners}"]
 
@@ -37,7 +43,7 @@ def reference(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp / "run" / "metrics.json").read_text())
     assert metrics["epoch"] == 3 and metrics["resumed_from_epoch"] is None
-    return {"metrics": metrics, "partners": tmp / "partners"}
+    return {"metrics": metrics, "partners": tmp / "partners", "run": tmp / "run"}
 
 
 def start_until_first_checkpoint(args, run_dir, tmp):
@@ -58,6 +64,7 @@ def test_identical_seeded_runs_give_identical_metrics_whether_the_partner_is_tra
     assert "partner: reusing" in (tmp_path / "run" / "train.log").read_text()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert numbers(metrics) == numbers(reference["metrics"])
+    assert same_twin(tmp_path / "run", reference["run"])
 
 
 def test_run_killed_after_its_first_checkpoint_resumes_to_the_configured_epoch(reference, tmp_path):
@@ -75,6 +82,7 @@ def test_run_killed_after_its_first_checkpoint_resumes_to_the_configured_epoch(r
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epoch"] == 3 and metrics["resumed_from_epoch"] == killed_at
     assert numbers(metrics) == numbers(reference["metrics"])  # exact resume: as if never killed
+    assert same_twin(run_dir, reference["run"])
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_with_one_line(reference, tmp_path):
