@@ -4,6 +4,7 @@ Each model is the smallest variant of its family on 32x32 inputs, batch 4, 10 cl
 """
 
 import copy
+import json
 import logging
 
 import pytest
@@ -20,6 +21,7 @@ from bqat.quant import QConv2d, QLinear, make_twin
 from bqat.quant.modules import QConv2dSame
 from bqat.quant.twin import float_layers, is_depthwise
 from bqat.replace import BlockReplacement
+from conftest import ROOT, run_cli
 
 SIZE = (3, 32, 32)
 QUANT = OmegaConf.create({"name": "lsq", "per_channel": False})
@@ -139,3 +141,23 @@ def test_model_without_feature_info_asks_for_model_blocks():
 
     with pytest.raises(UserError, match="model.blocks"):
         model_boundaries(Plain(), OmegaConf.create({"blocks": None}), SIZE)
+
+
+def test_model_shortcuts_name_their_timm_models(compose_cfg):
+    for option, name in (("mobilenetv2", "mobilenetv2_100"), ("resnet34", "resnet34"), ("resnet50", "resnet50")):
+        assert compose_cfg(f"model={option}").model.name == name
+
+
+def test_cli_trains_a_mobilenetv3_twin(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["model=timm", "model.name=mobilenetv3_small_050", "trainer.epochs=1", "partner.epochs=1", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1", "data.batch_size=16", "trainer.progress=false",
+            f"hydra.run.dir={run_dir}", f"partner.cache_dir={tmp_path / 'partners'}"]
+    proc = run_cli(args, cwd=ROOT, env_extra={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model"] == "mobilenetv3_small_050" and metrics["epoch"] == 1
+    assert len(metrics["mixed_top1"]) == 3  # 4 blocks -> 3 mixed paths
+    twin = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["twin"]
+    assert twin["blocks.0.0.conv_dw.weight_quantizer.step"].shape == (16,)  # depthwise: per-channel
+    assert "classifier.weight_quantizer.step" in twin  # timm's Linear subclass is quantized too
