@@ -67,7 +67,7 @@ def train(cfg: DictConfig) -> dict:
 
     data = build_data(cfg.data, seed=cfg.seed)
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
-    boundaries = model_boundaries(fp, cfg.model)
+    boundaries = model_boundaries(fp, cfg.model, data.input_size)
     check_split(fp, boundaries, data.input_size)
     partner, partner_top1, partner_source = get_partner(fp, data, cfg, device)
 
