@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -32,7 +33,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this clone's bqat, whichever bqat the environment has installed
 CONF = ROOT / "conf"
+OUTPUTS = ROOT / "outputs"  # conf/train.yaml's outputs folder (partner cache included)
 
 BITS = ("4", "3", "2")
 SCHEDULES = ("none", "prefix")
@@ -133,7 +136,7 @@ def common_overrides(table: Table, root: str | None, args) -> list[str]:
         out.append(f"trainer.epochs={args.epochs}")
     if args.partner_epochs is not None:
         out.append(f"partner.epochs={args.partner_epochs}")
-    if args.outputs != Path("outputs"):
+    if args.outputs != OUTPUTS:
         out.append(f"partner.cache_dir={args.outputs / 'partners'}")
     return out + list(args.overrides)
 
@@ -142,7 +145,6 @@ def check_composes(overrides: list[str]) -> str | None:
     """None if Hydra composes the table's config, else the first line of its complaint."""
     from hydra import compose, initialize_config_dir
 
-    sys.path.insert(0, str(ROOT))
     import bqat.config  # noqa: F401  (run_name's resolver)
 
     try:
@@ -195,8 +197,13 @@ def run_table(table: Table, root: str | None, args) -> bool:
 # ---------------------------------------------------------------- entry point
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # a usage mistake is one line, like every other bqat error
+        self.exit(2, f"reproduce: error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Reproduce bqat's tables: Hydra multiruns, then reports.")
+    parser = OneLineParser(description="Reproduce bqat's tables: Hydra multiruns, then reports.")
     parser.add_argument("--smoke", action="store_true", help="only the smoke table: digits, tiny budget")
     parser.add_argument("--cifar10", metavar="ROOT", help="CIFAR-10 root (make variable CIFAR10)")
     parser.add_argument("--imagenet", metavar="ROOT", help="ImageNet root with train/ and val/ (make variable IMAGENET)")
@@ -205,15 +212,14 @@ def parse_args(argv):
     parser.add_argument("--partner-epochs", type=int, help="partner.epochs when auto-training (PARTNER_EPOCHS)")
     parser.add_argument("--seeds", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                         help="comma-separated seeds, each cell once per seed (SEEDS); default: the config's seed")
-    parser.add_argument("--outputs", type=Path, default=Path("outputs"), help="outputs folder (default outputs)")
+    parser.add_argument("--outputs", type=Path, default=OUTPUTS, help="outputs folder (default: the clone's outputs/)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing (DRY=1)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell (ARGS), after --")
     args = parser.parse_args(argv)
-    if args.outputs != Path("outputs"):
-        args.outputs = args.outputs.resolve()
+    args.outputs = args.outputs.resolve()
     for o in args.overrides:
-        if "," in o and not any(c in o for c in "[]{}") and parse_override(o)[0] in {"bits", "schedule", "seed"}:
-            parser.error(f"{o}: reproduce sweeps bits and schedule itself; use --seeds (SEEDS=) for seeds")
+        if parse_override(o)[0].lstrip("+~") in {"bits", "schedule", "seed"}:
+            parser.error(f"{o}: reproduce sets bits and schedule for every cell; give seeds with --seeds (SEEDS=)")
     return args
 
 
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ok, ran = True, 0
     for table in tables:
         root = roots.get(table.dataset) if table.dataset else None
+        root = os.path.abspath(root) if root else None  # training runs from the clone's root
         if table.dataset and not root:
             option, variable = ROOT_OPTION[table.dataset]
             say(f"skipping {table.name}: no {table.dataset} data root given ({variable}=<path> for make, {option} here)")

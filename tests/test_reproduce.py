@@ -54,7 +54,7 @@ def test_experiment_composes_with_the_swept_bits_and_schedule(compose_cfg, name)
 
 def test_experiment_override_from_the_command_line_wins(compose_cfg):
     cfg = compose_cfg("experiment=smoke", "bits='2'", "bits.first_last=fp", "trainer.epochs=5")
-    assert (cfg.bits.first_last, cfg.trainer.epochs, cfg.trainer.limit_train_batches) == ("fp", 5, 8)
+    assert (cfg.bits.first_last, cfg.trainer.epochs, cfg.partner.epochs) == ("fp", 5, 3)
 
 
 def test_tables_without_a_data_root_are_skipped_with_one_notice_each():
