@@ -48,16 +48,19 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
 class TensorLoader:
     """Batches of (images, labels) from in-memory tensors; shuffled with its own generator.
 
-    `augment(x, generator)` runs on each training batch. `rank`/`world_size` shard each
-    epoch's permutation for data-parallel training (every rank gets len/world_size images).
+    `augment(x, generator)` runs on each training batch, then `transform(x)` on every batch
+    (e.g. uint8 -> normalised float). The tensors may live on the training device; batches
+    are then cut and augmented there. `rank`/`world_size` shard each epoch's permutation
+    for data-parallel training (every rank gets len/world_size images).
     """
 
-    def __init__(self, images, labels, batch_size, shuffle=False, drop_last=False, augment=None, seed=0, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, shuffle=False, drop_last=False, augment=None, seed=0, rank=0, world_size=1,
+                 transform=None):
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.augment = augment
+        self.augment, self.transform = augment, transform
         self.generator = torch.Generator().manual_seed(seed)
         self.rank, self.world_size = rank, world_size
 
@@ -80,15 +83,18 @@ class TensorLoader:
             batch = idx[start : start + self.batch_size]
             if self.drop_last and len(batch) < self.batch_size:
                 break
+            batch = batch.to(self.images.device)
             x, y = self.images[batch], self.labels[batch]
             if self.augment is not None:
                 x = self.augment(x, self.generator)
+            if self.transform is not None:
+                x = self.transform(x)
             yield x, y
 
 
 @dataclass
 class Data:
-    train: TensorLoader
+    train: TensorLoader  # or any loader with len(), iteration over (x, y) and reseed(seed)
     val: TensorLoader
     num_classes: int
     input_size: tuple[int, int, int]  # (C, H, W)
@@ -109,7 +115,7 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int = 0) -
 
 
 @register_dataset("digits")
-def digits(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
+def digits(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
     """scikit-learn's 1797 handwritten digits (8x8, 0..16), upsampled to image_size, 3 channels."""
     from sklearn.datasets import load_digits
 
@@ -129,7 +135,10 @@ def digits(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
     return Data(train, val, 10, (3, cfg.image_size, cfg.image_size), "digits")
 
 
-def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
+def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
+    """The `data` group's dataset; `device` is where in-memory datasets keep their tensors."""
+    import bqat.datasets  # noqa: F401  (registers cifar10/cifar100/imagenet/imagefolder; imports this module)
+
     if cfg.name not in DATASETS:
         raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(sorted(DATASETS))} (data=<name>)")
-    return DATASETS[cfg.name](cfg, seed=seed, rank=rank, world_size=world_size)
+    return DATASETS[cfg.name](cfg, seed=seed, rank=rank, world_size=world_size, device=device)

@@ -65,7 +65,7 @@ def train(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.seed)
 
-    data = build_data(cfg.data, seed=cfg.seed)
+    data = build_data(cfg.data, seed=cfg.seed, device=device)
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model, data.input_size)
     check_split(fp, boundaries, data.input_size)
