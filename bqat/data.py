@@ -30,19 +30,24 @@ def register_dataset(name: str):
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random translation by up to `pad` pixels (zero fill), optional h-flip; batched."""
+    """Per-image random translation by up to `pad` pixels (zero fill), optional h-flip; batched.
+
+    Two gathers (rows, then columns with the flip folded in): about twice as fast on CPU
+    as one 4-D advanced index, and any dtype (uint8 included) works.
+    """
     b, c, h, w = x.shape
+    dev = x.device
+    rows = torch.arange(h, device=dev).expand(b, h)
+    cols = torch.arange(w, device=dev).expand(b, w)
     if pad:
-        xp = F.pad(x, (pad, pad, pad, pad))
-        di = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-        dj = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-        rows = (di[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dj[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        x = xp[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+        rows = rows + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
+        cols = cols + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
+        x = F.pad(x, (pad, pad, pad, pad))
     if flip:
-        mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(mask, x.flip(3), x)
-    return x
+        mirrored = (torch.rand(b, generator=generator) < 0.5).to(dev)[:, None]
+        cols = torch.where(mirrored, cols.flip(1), cols)
+    x = x.gather(2, rows[:, None, :, None].expand(b, c, h, x.shape[3]))
+    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
 class TensorLoader:
