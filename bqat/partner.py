@@ -98,6 +98,10 @@ def load_state_dict_into(model: nn.Module, state: dict, source: str, hint: str =
 def load_pretrained(model: nn.Module, cfg, num_classes: int, in_chans: int) -> dict:
     """Copy timm's hub weights into `model`; return their pretrained_cfg (source, classes)."""
     name = cfg.model.name
+    log.info(f"partner: loading timm's pretrained weights for {name} (Hugging Face hub or its local cache)")
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # offline, the hub logs every retry; the one line below says it all
     try:
         hub = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans, **dict(cfg.model.get("kwargs") or {}))
     except Exception as err:  # noqa: BLE001 - offline hub, unknown tag, no weights: all end the same way
@@ -105,6 +109,8 @@ def load_pretrained(model: nn.Module, cfg, num_classes: int, in_chans: int) -> d
         raise UserError(f"model.pretrained=true: cannot load timm's weights for {name} ({type(err).__name__}: {reason[:200]}); "
                         f"connect to the Hugging Face hub, or download the weights and pass partner.checkpoint=<file> "
                         f"with model.pretrained=false") from None
+    finally:
+        hub_log.setLevel(level)
     model.load_state_dict(hub.state_dict())
     return dict(hub.pretrained_cfg)
 

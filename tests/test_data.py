@@ -166,7 +166,7 @@ def test_image_folder_streams_timm_transforms_with_persistent_workers(image_fold
 
     x, y = next(iter(data.train))
     assert x.shape == (4, 3, 16, 16) and y.shape == (4,) and set(y.tolist()) <= {0, 1, 2}
-    assert data.train._loader.persistent_workers and data.train._loader.num_workers == 1
+    assert data.train.loader.persistent_workers and data.train.loader.num_workers == 1
 
     # Validation: deterministic order, every image once, classes interleaved (not class by class).
     passes = [[(x.clone(), y.clone()) for x, y in data.val] for _ in range(2)]
@@ -174,12 +174,19 @@ def test_image_folder_streams_timm_transforms_with_persistent_workers(image_fold
     val_labels = torch.cat([y for _, y in passes[0]])
     assert sorted(val_labels.tolist()) == [0, 0, 1, 1, 2, 2] and val_labels.tolist() != [0, 0, 1, 1, 2, 2]
 
-    # Worker randomness (random-resized crop, flip, jitter) restarts with the seed.
+    # Augmentation (random-resized crop, flip, jitter) restarts with the seed, whatever the
+    # workers did before, and does not depend on the number of workers.
     data.train.reseed(7)
     a = next(iter(data.train))
     data.train.reseed(7)
     b = next(iter(data.train))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    in_main = build_data(data_cfg("imagefolder", image_folder, image_size=16, batch_size=4, num_workers=0), seed=0)
+    in_main.train.reseed(7)
+    rng = torch.get_rng_state()
+    c = next(iter(in_main.train))
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    assert torch.equal(torch.get_rng_state(), rng)  # the training's own random stream is untouched
 
 
 def test_image_folder_in_memory_with_a_test_folder(image_folder, tmp_path):
@@ -198,7 +205,7 @@ def test_image_folder_in_memory_with_a_test_folder(image_folder, tmp_path):
 def test_stream_loader_shards_an_epoch_across_ranks(image_folder):
     cfg = data_cfg("imagefolder", image_folder, image_size=16, batch_size=1)
     shards = [build_data(cfg, seed=3, rank=r, world_size=2).train.sampler for r in (0, 1)]
-    a, b = list(shards[0]), list(shards[1])
+    a, b = [i for i, _ in shards[0]], [i for i, _ in shards[1]]  # (index, augmentation seed) keys
     assert len(a) == len(b) == 6 and sorted(a + b) == list(range(12))
 
 
@@ -271,3 +278,11 @@ def test_cli_missing_data_exits_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"bqat-train: error: data.root={tmp_path / 'nowhere'} does not exist")
+
+
+@pytest.mark.parametrize("name, in_memory, classes", [("cifar10", True, 10), ("cifar100", True, 100), ("imagenet", False, 1000),
+                                                      ("imagefolder", False, None)])
+def test_every_data_option_composes(compose_cfg, name, in_memory, classes):
+    cfg = compose_cfg(f"data={name}", "data.root=/somewhere")
+    assert (cfg.data.name, cfg.data.in_memory, cfg.data.num_classes) == (name, in_memory, classes)
+    assert len(cfg.data.mean) == len(cfg.data.std) == 3 and cfg.data.cache_dir.startswith("outputs/")

@@ -115,6 +115,24 @@ def download(root: Path, rel: Release) -> Path:
 
 def cifar(cfg, name: str, seed: int, rank: int, world_size: int, device) -> Data:
     rel = RELEASES[name]
+    root, size = Path(cfg.root or ""), int(cfg.image_size)
+    folder = locate_release(cfg, rel)
+    # Each split is (uint8 NHWC array, labels) from the release, or an ImageList of files.
+    splits = read_release(folder, rel) if folder is not None else list_tree(root, rel)
+    n = {k: len(v[1]) if isinstance(v, tuple) else len(v.paths) for k, v in splits.items()}
+    log.info(f"data: {rel.title} from {folder or root} ({'python release' if folder else 'image folders'}): "
+             f"{n['train']} train / {n['test']} test images")
+    if cfg.in_memory:
+        x, y = memory_tensors(splits, size, cfg, rel, root)
+        train, val = memory_loaders(x["train"], y["train"], x["test"], y["test"], cfg=cfg, pad=int(cfg.pad), seed=seed,
+                                    rank=rank, world_size=world_size, device=device)
+    else:
+        train, val = stream_loaders(splits, cfg, size, seed, rank, world_size, device)
+    return Data(train, val, rel.num_classes, (3, size, size), name)
+
+
+def locate_release(cfg, rel: Release) -> Path | None:
+    """The python-release folder (downloading it if asked), None for an image-folder tree."""
     if not cfg.root:
         raise UserError(f"data.root is not set: pass data.root=<folder> holding {layout(rel, '<folder>')}")
     root = Path(cfg.root)
@@ -123,48 +141,37 @@ def cifar(cfg, name: str, seed: int, rank: int, world_size: int, device) -> Data
         folder = download(root, rel)
     if folder is None and not root.is_dir():
         raise UserError(f"data.root={root} does not exist; expected {layout(rel, root)}")
-    size = int(cfg.image_size)
-    if folder is not None:
-        splits = read_release(folder, rel)
-        source = f"{folder} (python release)"
-    else:
-        splits = read_tree(root, rel, size, cfg, in_memory=bool(cfg.in_memory))
-        source = f"{root} (image folders)"
-    n = {k: len(v[1] if isinstance(v, tuple) else v.labels) for k, v in splits.items()}
-    log.info(f"data: {rel.title} from {source}: {n['train']} train / {n['test']} test images")
-    if cfg.in_memory:
-        x, y = {}, {}
-        for split, (images, labels) in splits.items():
-            x[split] = images if torch.is_tensor(images) else fit_size(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), size)
-            y[split] = torch.as_tensor(labels)
-        train, val = memory_loaders(x["train"], y["train"], x["test"], y["test"], cfg=cfg, pad=int(cfg.pad), seed=seed, rank=rank,
-                                    world_size=world_size, device=device)
-    else:
-        train, val = stream_loaders(splits, cfg, size, seed, rank, world_size, device)
-    return Data(train, val, rel.num_classes, (3, size, size), name)
+    return folder
 
 
-def read_tree(root: Path, rel: Release, size: int, cfg, in_memory: bool) -> dict:
-    """Image-folder layout: uint8 tensors when in memory, else the file lists for a DataLoader."""
+def list_tree(root: Path, rel: Release) -> dict:
+    """Image-folder layout: the files of train/ and test/ (or val/), checked against the release."""
     where = layout(rel, root)
     dirs = {"train": find_split(root, ("train",), where), "test": find_split(root, ("test", "val"), where)}
     splits = {}
     for split, folder in dirs.items():
         images = list_images(folder, where)
-        if split == "test":
-            images = fixed_shuffle(images)
         if len(images.classes) != rel.num_classes:
             raise UserError(f"{images.root} has {len(images.classes)} class folders, {rel.title} has {rel.num_classes}; "
                             f"use data=imagefolder for other datasets")
-        splits[split] = images
+        splits[split] = fixed_shuffle(images) if split == "test" else images
     if splits["train"].classes != splits["test"].classes:
         raise UserError(f"class folders of {splits['train'].root} and {splits['test'].root} differ; expected {where}")
-    if not in_memory:
-        return splits
-    check_memory(sum(len(s.paths) for s in splits.values()), size, f"data.in_memory=true for {root}")
+    return splits
+
+
+def memory_tensors(splits: dict, size: int, cfg, rel: Release, root: Path) -> tuple[dict, dict]:
+    """uint8 NCHW images and labels per split: converted from the release, or decoded (and cached)."""
+    if not isinstance(splits["train"], tuple):
+        check_memory(sum(len(s.paths) for s in splits.values()), size, f"data.in_memory=true for {root}")
     workers = int(cfg.num_workers) or os.cpu_count() or 1
-    return {s: (load_split(images, size, workers, cfg.get("cache_dir"), rel.title.lower()), images.labels)
-            for s, images in splits.items()}
+    x, y = {}, {}
+    for split, entry in splits.items():
+        if isinstance(entry, tuple):
+            x[split], y[split] = fit_size(torch.from_numpy(entry[0]).permute(0, 3, 1, 2).contiguous(), size), torch.from_numpy(entry[1])
+        else:
+            x[split], y[split] = load_split(entry, size, workers, cfg.get("cache_dir"), rel.title.lower()), entry.labels
+    return x, y
 
 
 def stream_loaders(splits: dict, cfg, size: int, seed, rank, world_size, device) -> tuple[StreamLoader, StreamLoader]:

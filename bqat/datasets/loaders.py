@@ -14,11 +14,13 @@ validation order fixed, and restart their random stream with `reseed(seed)`.
 from __future__ import annotations
 
 import os
+import random
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from bqat.data import TensorLoader, random_crop_flip
 from bqat.errors import UserError
@@ -36,7 +38,7 @@ def memory_loaders(train_x, train_y, val_x, val_y, *, cfg, pad, seed, rank, worl
 
     Training batches get a `pad`-pixel zero-padded random crop and a horizontal flip (on
     uint8, so the padding is black as in torchvision's RandomCrop), then normalisation
-    with `cfg.mean`/`cfg.std`; validation batches only the normalisation, in file order.
+    with `cfg.mean`/`cfg.std`; validation batches only the normalisation, in a fixed order.
     """
     device = torch.device(device or "cpu")
     normalize = normalizer(cfg.mean, cfg.std, device)
@@ -50,16 +52,25 @@ def memory_loaders(train_x, train_y, val_x, val_y, *, cfg, pad, seed, rank, worl
     return train, val
 
 
-class ShardSampler(Sampler[int]):
-    """Indices of one epoch: a fresh permutation from `generator` (or 0..n-1), then rank::world_size."""
+class ShardSampler(Sampler):
+    """One epoch of keys: a fresh permutation from `generator` (or 0..n-1), then rank::world_size.
+
+    When shuffling, each key is (index, seed): the seed of that image's augmentation this
+    epoch, drawn from `generator` too. The whole epoch, crops included, is then a function
+    of the generator's state alone: not of num_workers, nor of which worker gets which
+    image, nor of what persistent workers did before (partner training, a resumed run).
+    """
 
     def __init__(self, n: int, shuffle: bool, generator: torch.Generator, rank: int = 0, world_size: int = 1):
         self.n, self.shuffle, self.generator = n, shuffle, generator
         self.rank, self.world_size = rank, world_size
 
-    def __iter__(self) -> Iterator[int]:
-        idx = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
-        return iter(idx[self.rank :: self.world_size].tolist())
+    def __iter__(self) -> Iterator:
+        if not self.shuffle:
+            return iter(range(self.rank, self.n, self.world_size))
+        idx = torch.randperm(self.n, generator=self.generator)[self.rank :: self.world_size].tolist()
+        base = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return iter([(i, base + i) for i in idx])
 
     def __len__(self) -> int:
         return (self.n + self.world_size - 1 - self.rank) // self.world_size
@@ -73,41 +84,33 @@ def stream_workers(cfg) -> int:
 class StreamLoader:
     """A torch DataLoader with workers, pinned memory and persistent workers, plus `reseed`.
 
-    The sampler and the workers' seeds come from one generator, so a run is reproducible
-    for a given `num_workers`. `reseed` restarts the workers too: their random state then
-    depends only on the seed, not on what the loader did before (e.g. partner training).
+    Shuffling and augmentation come from `generator` (see ShardSampler), so `reseed` and
+    restoring `generator`'s state (bqat.resume) replay an epoch exactly.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, shuffle=False, drop_last=False, seed=0, rank=0, world_size=1,
                  num_workers=0, pin_memory=False):
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
-        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
-        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.batch_size, self.drop_last = batch_size, drop_last
         self.generator = torch.Generator().manual_seed(seed)
         self.sampler = ShardSampler(len(dataset), shuffle, self.generator, rank, world_size)
-        self._loader: DataLoader | None = None
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last, num_workers=int(num_workers),
+            pin_memory=bool(pin_memory), persistent_workers=int(num_workers) > 0,
+            generator=torch.Generator().manual_seed(0),  # workers' base seed: unused, and keeps torch's global RNG untouched
+        )
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
-        self._loader = None  # drops the persistent workers; the next epoch starts fresh ones
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _make(self) -> DataLoader:
-        return DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=self.drop_last,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-            generator=self.generator,
-        )
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._loader is None:
-            self._loader = self._make()
         try:
-            yield from self._loader
+            yield from self.loader
         except UserError as err:
             # A worker's UserError comes back wrapped in its traceback; keep the one line.
             raise UserError(str(err).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")) from None
@@ -123,6 +126,29 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         img = self.read(self.paths[i]) if self.paths is not None else Image.fromarray(self.pixels[i])
-        return self.transform(img), int(self.labels[i])
+        if seed is None:
+            return self.transform(img), int(self.labels[i])
+        with seeded(seed):
+            return self.transform(img), int(self.labels[i])
+
+
+@contextmanager
+def seeded(seed: int):
+    """Seed the global RNGs that torchvision's and timm's transforms draw from (torch, random).
+
+    In a worker process they are the worker's own; in the main process (num_workers=0)
+    they are the training's, so their state is put back afterwards.
+    """
+    main = get_worker_info() is None
+    saved = (torch.get_rng_state(), random.getstate()) if main else None
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
