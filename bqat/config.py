@@ -21,11 +21,12 @@ if not OmegaConf.has_resolver("bqat_hash"):
 
 
 def _check_bits(value, key: str, allow=()) -> None:
+    # 2 to 8: at 1 bit the signed grid is [-1, 0] and LSQ's Qp = 0 leaves no step to learn.
     if str(value) in allow:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
         extra = f" or {'/'.join(allow)}" if allow else ""
-        raise UserError(f"{key} must be an integer from 1 to 8{extra}, got {value!r}")
+        raise UserError(f"{key} must be an integer from 2 to 8{extra}, got {value!r}")
 
 
 def _check_int(value, key: str, minimum: int, what: str) -> None:

@@ -30,7 +30,7 @@ from bqat.errors import UserError, fail, one_line_hydra_errors
 from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
-from bqat.quant import make_twin
+from bqat.quant import Quantizer, make_twin
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
 from bqat.resume import RunCheckpoint, prepare_run_dir
@@ -96,10 +96,9 @@ def train(cfg: DictConfig) -> dict:
 
     def on_epoch_end(state: FitState, improved: bool) -> None:
         ckpt.save(state, best=improved)
-        for name, module in hybrid.twin.named_modules():
-            step = getattr(module, "step", None)
-            if isinstance(step, torch.nn.Parameter):
-                writer.add_scalar(f"step_size/{name}", step.detach().float().mean(), state.step)
+        for name, module in hybrid.twin.named_modules():  # learned grids: LSQ's s, PACT's alpha / L, ...
+            if isinstance(module, Quantizer) and next(module.parameters(recurse=False), None) is not None:
+                writer.add_scalar(f"step_size/{name}", module.scale_zero_point()[0].float().mean(), state.step)
 
     state = fit(hybrid, data, optimizer, scheduler, epochs=cfg.trainer.epochs, cfg=cfg.trainer, device=device,
                 state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end, on_stop=ckpt.save)

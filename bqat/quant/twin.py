@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections import Counter
 from typing import Callable
 
@@ -86,6 +87,19 @@ def swap_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | 
     return model
 
 
+def build_quantizer(quant_cfg, bits: int, kind: str, **kwargs) -> nn.Module:
+    """`Cls(bits, kind, per_channel, channels, **extras)`, extras = the quant config's other keys."""
+    cls = get_quantizer(quant_cfg.name)
+    extras = {k: v for k, v in quant_cfg.items() if k not in ("name", "per_channel")}
+    try:
+        return cls(bits, kind, **kwargs, **extras)
+    except TypeError as err:  # an unknown extra key, e.g. a typo in `+quant.<key>=...`
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if not found:
+            raise
+        raise UserError(f"quant={quant_cfg.name} has no option quant.{found.group(1)}; see conf/quant/{quant_cfg.name}.yaml") from err
+
+
 def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
     """Deep copy of `fp` with quantized Conv2d/Linear layers, per the quant and bits configs."""
     twin = copy.deepcopy(fp)
@@ -94,9 +108,8 @@ def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
         p.requires_grad_(True)
     if quant_cfg.name == "none":
         return twin
-    quantizer = get_quantizer(quant_cfg.name)
+    get_quantizer(quant_cfg.name)  # an unknown name fails once, naming the known ones
     edges = first_last_names(twin)
-    kwargs = {k: v for k, v in quant_cfg.items() if k not in ("name", "per_channel")}
     by_policy: set[str] = set()  # layers the first/last policy keeps float on purpose
 
     def make(name, m):
@@ -105,8 +118,8 @@ def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
             by_policy.add(name)
             return None
         per_channel = bool(quant_cfg.per_channel) or is_depthwise(m)
-        wq = quantizer(bits[0], "weight", per_channel=per_channel, channels=m.weight.shape[0], **kwargs)
-        aq = quantizer(bits[1], "act", **kwargs)
+        wq = build_quantizer(quant_cfg, bits[0], "weight", per_channel=per_channel, channels=m.weight.shape[0])
+        aq = build_quantizer(quant_cfg, bits[1], "act")
         return QUANT_MODULES[type(m)].from_float(m, wq, aq)
 
     swap_modules(twin, make)
