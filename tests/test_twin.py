@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 import bqat.models  # noqa: F401
+from bqat.export.fixed import check_on_grid, freeze
 from bqat.quant import QConv2d, QLinear, make_twin
 from bqat.quant.twin import first_last_names
 
@@ -79,6 +80,8 @@ def test_every_quantizers_twin_is_on_its_integer_grid(fp, quant, per_channel):
             codes = grid_codes(q, xq.detach(), x)
             assert torch.allclose(codes, codes.round(), atol=2e-3), (quant, name, q.kind)
             assert codes.min() >= q.qn - 1e-3 and codes.max() <= q.qp + 1e-3, (quant, name, q.kind)
+            # bqat-export freezes exactly this grid and checks the quantizer's outputs against it
+            check_on_grid(freeze(q, name), q, x.detach(), xq.detach(), name)
 
 
 def test_first_last_fp_policy_keeps_float_layers(fp):

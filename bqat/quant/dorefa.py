@@ -57,6 +57,7 @@ class DoReFa(Quantizer):
         return f"bits={self.bits}, kind={self.kind}, per_channel={self.per_channel}, grid={grid}"
 
     def scale_zero_point(self):
+        shape = (self.channels,) if self.per_channel else ()  # one (equal) entry per channel
         if self.symmetric:
-            return torch.tensor(2.0 / self.levels), torch.tensor(self.levels / 2.0)
-        return torch.tensor(1.0 / self.levels), torch.tensor(0.0)
+            return torch.full(shape, 2.0 / self.levels), torch.full(shape, self.levels / 2.0)
+        return torch.full(shape, 1.0 / self.levels), torch.zeros(shape)
