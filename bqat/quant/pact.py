@@ -13,11 +13,11 @@ from bqat.quant.registry import register_quantizer
 @register_quantizer("pact")
 class PACT(DoReFa):
     """Activations: y = clip(x, 0, alpha), y_q = round(y * L / alpha) * alpha / L, L = 2^b - 1,
-    with one learned clip alpha per layer (eq. 1-3), initialised to `quant.alpha_init`
-    (10, the paper's large initial value) and L2-regularised: each activation quantizer adds
+    with one learned clip alpha per layer (eq. 1-3), started large (`quant.alpha_init`, 10)
+    and L2-regularised as in the paper: each activation quantizer adds
     `quant.alpha_decay / 2 * alpha^2` to the training loss, i.e. weight decay of strength
-    alpha_decay on alpha (the paper uses the network's weight decay; 5e-4 is bqat's).
-    The optimizer's own weight decay skips scalar parameters, alpha included.
+    alpha_decay on alpha (default 5e-4, bqat's weight decay). The optimizer's own weight
+    decay skips scalar parameters, alpha included.
 
     Weights: DoReFa's tanh-normalised quantizer (the paper's choice), see `DoReFa`.
 
