@@ -58,7 +58,7 @@ def quote_numeric_groups(argv: list[str]) -> list[str]:
 
     Hydra parses 2 as an int, and a config-group override must be a string; quoting
     keeps the natural spelling working for runs and sweeps alike (and makes bits=2.5 or
-    bits=-1 reach the one-line "bits must be an integer from 1 to 8").
+    bits=-1 reach the one-line "bits must be an integer from 2 to 8").
     """
     out = []
     for arg in argv:

@@ -31,7 +31,7 @@ GROUP_NOUNS = {"quant": "quantizer", "data": "dataset", "optim": "optimizer conf
 def unknown_option(group: str, value: str, options: list[str]) -> str:
     """The line for `group=value` naming no config file of `group`."""
     if group == "bits":
-        return (f"bits must be an integer from 1 to 8, got {value!r}; presets: bits={', '.join(options)}, "
+        return (f"bits must be an integer from 2 to 8, got {value!r}; presets: bits={', '.join(options)}, "
                 "other widths: bits.w=N bits.a=N")
     close = difflib.get_close_matches(value, options, n=2, cutoff=0.6)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""

@@ -131,14 +131,14 @@ print(json.dumps(codes))
 """
 
 BAD_INPUT = {
-    "bits_out_of_range": (["bits=9"], "bits must be an integer from 1 to 8, got '9'"),
-    "bits_not_an_integer": (["bits=2.5"], "bits must be an integer from 1 to 8, got '2.5'"),
-    "bits_w_not_an_integer": (["bits.w=2.5"], "bits.w must be an integer from 1 to 8, got 2.5"),
+    "bits_out_of_range": (["bits=9"], "bits must be an integer from 2 to 8, got '9'"),
+    "bits_not_an_integer": (["bits=2.5"], "bits must be an integer from 2 to 8, got '2.5'"),
+    "bits_w_not_an_integer": (["bits.w=2.5"], "bits.w must be an integer from 2 to 8, got 2.5"),
     "unknown_model": (["model=resnt20"], "unknown model 'resnt20' (did you mean resnet20"),
     "unknown_timm_model": (["model=timm", "model.name=resnet2"], "unknown model 'resnet2'; did you mean"),
-    "unknown_quantizer": (["quant=lsqq"], "unknown quantizer 'lsqq' (did you mean lsq?); choose one of: lsq, none"),
+    "unknown_quantizer": (["quant=lsqq"], "unknown quantizer 'lsqq' (did you mean lsq?); choose one of: dorefa, ewgs, lsq, lsqplus, none, pact"),
     "unknown_schedule": (["schedule=prefx"], "unknown schedule 'prefx' (did you mean prefix?); choose one of: none, prefix"),
-    "unknown_dataset": (["data=cifar"], "unknown dataset 'cifar'; choose one of: digits"),
+    "unknown_dataset": (["data=cifar"], "unknown dataset 'cifar' (did you mean cifar10 or cifar100?); choose one of: cifar10, cifar100, digits, imagefolder, imagenet"),
     "unknown_key": (["trainer.epoch=3"], "Could not override 'trainer.epoch'"),
     "negative_epochs": (["trainer.epochs=-1"], "trainer.epochs must be an integer >= 0, got -1"),
     "batch_size_zero": (["data.batch_size=0"], "data.batch_size must be an integer of at least 1, got 0"),
