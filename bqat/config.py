@@ -21,11 +21,17 @@ if not OmegaConf.has_resolver("bqat_hash"):
 
 
 def _check_bits(value, key: str, allow=()) -> None:
+    # 2 to 8: at 1 bit the signed grid is [-1, 0] and LSQ's Qp = 0 leaves no step to learn.
     if str(value) in allow:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
         extra = f" or {'/'.join(allow)}" if allow else ""
-        raise UserError(f"{key} must be an integer from 1 to 8{extra}, got {value!r}")
+        raise UserError(f"{key} must be an integer from 2 to 8{extra}, got {value!r}")
+
+
+def _check_int(value, key: str, minimum: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{key} must be {what}, got {value!r}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -33,26 +39,26 @@ def validate(cfg: DictConfig) -> None:
     _check_bits(cfg.bits.w, "bits.w")
     _check_bits(cfg.bits.a, "bits.a")
     _check_bits(cfg.bits.first_last, "bits.first_last", allow=("fp", "same"))
-    if cfg.trainer.epochs < 0:
-        raise UserError(f"trainer.epochs must be >= 0, got {cfg.trainer.epochs}")
-    if cfg.partner.epochs < 0:
-        raise UserError(f"partner.epochs must be >= 0, got {cfg.partner.epochs}")
-    if cfg.data.batch_size < 1:
-        raise UserError(f"data.batch_size must be at least 1, got {cfg.data.batch_size}")
+    _check_int(cfg.trainer.epochs, "trainer.epochs", 0, "an integer >= 0")
+    _check_int(cfg.partner.epochs, "partner.epochs", 0, "an integer >= 0")
+    _check_int(cfg.data.batch_size, "data.batch_size", 1, "an integer of at least 1")
+    _check_int(cfg.seed, "seed", 0, "an integer >= 0")
     for key in ("limit_train_batches", "limit_val_batches"):
         value = cfg.trainer[key]
-        if value is not None and value < 1:
-            raise UserError(f"trainer.{key} must be a positive number of batches or null, got {value}")
+        if value is not None:
+            _check_int(value, f"trainer.{key}", 1, "a positive number of batches or null")
 
 
-_NUMERIC_GROUP = re.compile(r"^(\+{0,2}bits)=([0-9]+(?:,[0-9]+)*)$")
+_NUMBER = r"[-+]?[0-9][0-9.eE+-]*"
+_NUMERIC_GROUP = re.compile(rf"^(\+{{0,2}}bits)=({_NUMBER}(?:,{_NUMBER})*)$")
 
 
 def quote_numeric_groups(argv: list[str]) -> list[str]:
     """`bits=2` / `bits=2,3,4` -> `bits='2'` / `bits='2','3','4'`.
 
     Hydra parses 2 as an int, and a config-group override must be a string; quoting
-    keeps the natural spelling working for runs and sweeps alike.
+    keeps the natural spelling working for runs and sweeps alike (and makes bits=2.5 or
+    bits=-1 reach the one-line "bits must be an integer from 2 to 8").
     """
     out = []
     for arg in argv:

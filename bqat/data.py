@@ -30,48 +30,53 @@ def register_dataset(name: str):
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random translation by up to `pad` pixels (zero fill), optional h-flip; batched."""
+    """Per-image random translation by up to `pad` pixels (zero fill), optional h-flip; batched.
+
+    Two gathers (rows, then columns with the flip folded in): about twice as fast on CPU
+    as one 4-D advanced index, and any dtype (uint8 included) works.
+    """
     b, c, h, w = x.shape
+    dev = x.device
+    rows = torch.arange(h, device=dev).expand(b, h)
+    cols = torch.arange(w, device=dev).expand(b, w)
     if pad:
-        xp = F.pad(x, (pad, pad, pad, pad))
-        di = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-        dj = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-        rows = (di[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dj[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        x = xp[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+        rows = rows + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
+        cols = cols + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
+        x = F.pad(x, (pad, pad, pad, pad))
     if flip:
-        mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(mask, x.flip(3), x)
-    return x
+        mirrored = (torch.rand(b, generator=generator) < 0.5).to(dev)[:, None]
+        cols = torch.where(mirrored, cols.flip(1), cols)
+    x = x.gather(2, rows[:, None, :, None].expand(b, c, h, x.shape[3]))
+    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
 class TensorLoader:
     """Batches of (images, labels) from in-memory tensors; shuffled with its own generator.
 
-    `augment(x, generator)` runs on each training batch. `rank`/`world_size` shard it for
-    data-parallel training: every rank walks the same seeded permutation in *global*
-    batches of batch_size * world_size images, augments the whole global batch (same
-    random draws on every rank) and keeps its own slice. So a run on N ranks sees exactly
-    the batches, augmentations included, of one process with N times the batch size.
+    `augment(x, generator)` runs on each training batch, then `transform(x)` on every batch
+    (e.g. uint8 -> normalised float). The tensors may live on the training device; batches
+    are then cut and augmented there.
+
+    `rank`/`world_size` shard it for data-parallel training: every rank walks the same
+    seeded permutation in *global* batches of batch_size * world_size images, augments the
+    whole global batch (same random draws on every rank) and keeps its own slice. So a run
+    on N ranks sees exactly the batches, augmentations included, of one process with N
+    times the batch size.
     """
 
-    def __init__(self, images, labels, batch_size, shuffle=False, drop_last=False, augment=None, seed=0, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, shuffle=False, drop_last=False, augment=None, seed=0, rank=0, world_size=1,
+                 transform=None):
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.augment = augment
+        self.augment, self.transform = augment, transform
         self.generator = torch.Generator().manual_seed(seed)
         self.rank, self.world_size = rank, world_size
 
     def reseed(self, seed: int) -> None:
         """Restart the shuffle/augmentation stream (so twin training never depends on partner training)."""
         self.generator.manual_seed(seed)
-
-    def to(self, device) -> "TensorLoader":
-        """Keep the dataset on `device` (airbench: batches and augmentation never leave the GPU)."""
-        self.images, self.labels = self.images.to(device), self.labels.to(device)
-        return self
 
     def shard(self, rank: int, world_size: int) -> None:
         """Serve rank `rank` of `world_size` data-parallel processes from now on."""
@@ -96,6 +101,7 @@ class TensorLoader:
             batch = idx[start : start + global_batch]
             if self.drop_last and len(batch) < global_batch:
                 break
+            batch = batch.to(self.images.device)
             x, y = self.images[batch], self.labels[batch]
             if self.augment is not None:
                 x = self.augment(x, self.generator)
@@ -103,23 +109,21 @@ class TensorLoader:
                 x, y = x.tensor_split(self.world_size)[self.rank], y.tensor_split(self.world_size)[self.rank]
                 if len(y) == 0:
                     continue
+            if self.transform is not None:
+                x = self.transform(x)
             yield x, y
 
 
 @dataclass
 class Data:
-    train: TensorLoader
+    train: TensorLoader  # or any loader with len(), iteration over (x, y) and reseed(seed)
     val: TensorLoader
     num_classes: int
     input_size: tuple[int, int, int]  # (C, H, W)
     name: str
 
-    def to(self, device) -> "Data":
-        self.train.to(device)
-        self.val.to(device)
-        return self
-
     def shard(self, rank: int, world_size: int) -> None:
+        """Serve rank `rank` of `world_size` data-parallel processes from now on."""
         self.train.shard(rank, world_size)
         self.val.shard(rank, world_size)
 
@@ -138,7 +142,7 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int = 0) -
 
 
 @register_dataset("digits")
-def digits(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
+def digits(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
     """scikit-learn's 1797 handwritten digits (8x8, 0..16), upsampled to image_size, 3 channels."""
     from sklearn.datasets import load_digits
 
@@ -158,7 +162,10 @@ def digits(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
     return Data(train, val, 10, (3, cfg.image_size, cfg.image_size), "digits")
 
 
-def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
+def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
+    """The `data` group's dataset; `device` is where in-memory datasets keep their tensors."""
+    import bqat.datasets  # noqa: F401  (registers cifar10/cifar100/imagenet/imagefolder; imports this module)
+
     if cfg.name not in DATASETS:
         raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(sorted(DATASETS))} (data=<name>)")
-    return DATASETS[cfg.name](cfg, seed=seed, rank=rank, world_size=world_size)
+    return DATASETS[cfg.name](cfg, seed=seed, rank=rank, world_size=world_size, device=device)

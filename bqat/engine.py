@@ -3,13 +3,18 @@
 A *task* is an nn.Module with `training_step(x, y) -> (loss, logs)`, `evaluate(x) ->
 {name: logits}` and a `progress` attribute (fraction of training done). `fit` runs
 epochs with rich progress bars, steps timm's scheduler per update, logs to TensorBoard
-and calls `on_epoch_end` (where the caller checkpoints).
+and calls `on_epoch_end` (where the caller checkpoints). Every step checks the loss is
+finite (before the update) and whether a stop signal arrived (bqat.preempt): then it
+calls `on_stop` (the caller saves) and raises `Preempted`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import pickle
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +23,7 @@ from typing import Callable
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bqat import dist
+from bqat import dist, preempt
 from bqat.accel import Accel
 from bqat.errors import UserError
 
@@ -33,10 +38,14 @@ class DivergedError(UserError):
 class FitState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer updates done
+    batch: int = 0  # batches of the current epoch done; non-zero only when stopped mid-epoch
     best_top1: float = float("-inf")
     last_val: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     first_step_loss: float | None = None  # loss of the first update, averaged over ranks
+    # The train loader's generator at the start of the current epoch: a run resumed
+    # mid-epoch replays the epoch's shuffle and augmentation from it (bqat.resume).
+    loader_rng: torch.Tensor | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,23 +74,39 @@ def make_progress(enabled: bool) -> Progress:
     )
 
 
+def loader_generator_state(loader) -> torch.Tensor | None:
+    generator = getattr(loader, "generator", None)
+    return generator.get_state() if isinstance(generator, torch.Generator) else None
+
+
 def train_epoch(task, loader, optimizer, scheduler, state: FitState, *, epochs: int, cfg, device, writer=None, progress=None, bar=None,
-                accel: Accel | None = None, distributed: bool = False) -> None:
+                accel: Accel | None = None, distributed: bool = False) -> bool:
+    """One epoch (the rest of it, when resuming mid-epoch). True when a stop signal ended it early."""
     task.train()
     accel = accel or Accel(cfg, device)
     n = num_batches(loader, cfg.limit_train_batches)
     log_every = max(1, int(cfg.log_every_n_steps))
+    done_before = state.batch  # resumed mid-epoch: replay the loader past these batches
+    state.loader_rng = loader_generator_state(loader)
     for i, (x, y) in enumerate(loader):
         if i >= n:
             break
+        if i < done_before:
+            if progress is not None:
+                progress.advance(bar)
+            continue
         x, y = accel.to_device(x, y)
         task.progress = (state.epoch + i / n) / epochs
         with accel.autocast():
             loss, logs = task.training_step(x, y)
+        # One isfinite per step (a single sync); only a bad loss pays to find the term.
+        if not torch.isfinite(loss.detach()):
+            raise diverged(logs, state)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         state.step += 1
+        state.batch = i + 1
         scheduler.step_update(num_updates=state.step)
         if state.first_step_loss is None:
             first = {"loss": float(loss.detach())}
@@ -90,7 +115,6 @@ def train_epoch(task, loader, optimizer, scheduler, state: FitState, *, epochs: 
             values = {k: float(v) for k, v in logs.items()}
             if distributed:  # every rank reaches the same steps: log the means over ranks
                 values = dist.mean_across_ranks(values)
-            check_finite(values, state)
             if writer is not None:
                 for k, v in values.items():
                     writer.add_scalar(f"train/{k}", v, state.step)
@@ -99,15 +123,29 @@ def train_epoch(task, loader, optimizer, scheduler, state: FitState, *, epochs: 
                 progress.update(bar, info=f"loss {values['loss']:.3f}")
         if progress is not None:
             progress.advance(bar)
+        if preempt.requested():
+            return True
+    return False
 
 
-def check_finite(values: dict[str, float], state: FitState) -> None:
-    bad = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
-    if bad:
-        raise DivergedError(
-            f"non-finite loss at step {state.step} (epoch {state.epoch + 1}) in {', '.join(bad)}; "
-            "lower optim.optimizer.lr or raise the bit-width; the last good checkpoint is kept"
-        )
+def diverged(logs: dict, state: FitState) -> DivergedError:
+    """The error for a non-finite loss, naming the terms (ce/lp, ce/<path>, kd) that are not finite."""
+    bad = [k for k, v in logs.items() if k != "loss" and not math.isfinite(float(v))]
+    where = ", ".join(bad) if bad else "the weighted sum (every term is finite: check the loss.* weights)"
+    return DivergedError(
+        f"non-finite loss at step {state.step + 1} (epoch {state.epoch + 1}) in {where}; the step was not applied "
+        "and the last checkpoint written before it is kept; lower optim.optimizer.lr or raise the bit-width"
+    )
+
+
+def stop(state: FitState, desc: str, on_stop: Callable[[FitState], Path] | None) -> preempt.Preempted:
+    """Save through `on_stop` (when the caller can) and describe where the run stopped."""
+    signum = preempt.requested()
+    saved = on_stop(state) if on_stop is not None else None
+    where = f"{desc} stopped by {preempt.signal_name(signum)} after step {state.step} (epoch {state.epoch + (1 if state.batch else 0)})"
+    if saved is not None:
+        return preempt.Preempted(signum, f"{where}; saved {saved}; re-run the same command to resume")
+    return preempt.Preempted(signum, f"{where}; nothing saved at this stage; re-run the same command to start it again")
 
 
 @torch.no_grad()
@@ -136,8 +174,10 @@ def evaluate(task, loader, *, limit=None, device, accel: Accel | None = None, di
 
 def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: FitState | None = None, writer=None,
         metric: str = "lp", desc: str = "train", on_epoch_end: Callable[[FitState, bool], None] | None = None,
-        accel: Accel | None = None, distributed: bool = False) -> FitState:
+        on_stop: Callable[[FitState], Path] | None = None, accel: Accel | None = None, distributed: bool = False) -> FitState:
     """Train `task` until `epochs` epochs are done (continuing from `state` when resuming).
+
+    On a stop signal: `on_stop(state)` saves (returns the path written), then Preempted is raised.
 
     `distributed`: `task` is a bqat.dist.DistributedTask; logs and evaluation are reduced
     over ranks (every rank must call fit).
@@ -150,11 +190,15 @@ def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: Fi
         for epoch in range(state.epoch, epochs):
             bar = progress.add_task(f"{desc} {epoch + 1}/{epochs}", total=n_train, info="")
             start = time.perf_counter()
-            train_epoch(task, data.train, optimizer, scheduler, state, epochs=epochs, cfg=cfg, device=device, writer=writer, progress=progress, bar=bar,
-                        accel=accel, distributed=distributed)
-            state.train_seconds += time.perf_counter() - start
+            stopped = train_epoch(task, data.train, optimizer, scheduler, state, epochs=epochs, cfg=cfg, device=device, writer=writer, progress=progress, bar=bar,
+                                  accel=accel, distributed=distributed)
+            epoch_seconds = time.perf_counter() - start
+            state.train_seconds += epoch_seconds
+            if stopped:
+                raise stop(state, desc, on_stop)
             scheduler.step(epoch + 1)
             state.epoch = epoch + 1
+            state.batch = 0
             state.last_val = evaluate(task, data.val, limit=cfg.limit_val_batches, device=device, accel=accel, distributed=distributed)
             top1 = state.last_val[metric]
             improved = top1 > state.best_top1
@@ -163,11 +207,13 @@ def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: Fi
                 for name, value in state.last_val.items():
                     writer.add_scalar(f"val/top1_{name}", value, state.epoch)
             summary = "  ".join(f"{k} {v:.2f}" for k, v in state.last_val.items())
-            log.info(f"{desc} epoch {state.epoch}/{epochs}: val top-1 {summary}")
+            log.info(f"{desc} epoch {state.epoch}/{epochs} ({epoch_seconds:.1f} s training): val top-1 {summary}")
             progress.update(overall, advance=1, info=f"{metric} top-1 {top1:.2f}")
             progress.remove_task(bar)
             if on_epoch_end is not None:
                 on_epoch_end(state, improved)
+            if preempt.requested():  # arrived during evaluation
+                raise stop(state, desc, on_stop)
     return state
 
 
@@ -176,11 +222,21 @@ def atomic_save(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a torn one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable (a crash right after must not bring the old name back).
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -190,6 +246,11 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is the file's fault
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"it would run {found.group(1)}" if found else "it holds pickled objects"
+        raise UserError(f"cannot load checkpoint {path}: not a plain weights file ({what}); refused without running it. "
+                        "If you trust its source, re-save only its tensors (a state_dict)") from err
+    except Exception as err:  # noqa: BLE001 - any other failure is the file's fault (torn, not a checkpoint)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load checkpoint {path}: not a plain weights file ({first})") from err
+        raise UserError(f"cannot load checkpoint {path}: not a readable checkpoint ({first[:200]})") from err

@@ -18,6 +18,7 @@ from torch import nn
 
 from bqat.errors import UserError
 from bqat.models.split import split_blocks
+from bqat.quant import quantizer_regularization
 
 SCHEDULES: dict[str, type] = {}
 
@@ -195,6 +196,10 @@ class BlockReplacement(nn.Module):
                 kd = kd + torch.stack([kd_loss(out[p], z0, cfg.T) for p in mixed]).mean()
             loss = loss + cfg.w_kd * kd
             logs["kd"] = kd.detach()
+        reg = quantizer_regularization(self.twin)  # e.g. PACT's L2 on its clip alpha
+        if reg is not None:
+            loss = loss + reg
+            logs["reg/quant"] = reg.detach()
         logs["loss"] = loss.detach()
         logs["acc/lp"] = (out[lp_path].argmax(1) == y).float().mean().detach()
         return loss, logs

@@ -28,14 +28,16 @@ from bqat import dist
 from bqat.accel import Accel, compile_blocks, compile_settings
 from bqat.config import quote_numeric_groups, validate
 from bqat.data import build_data
-from bqat.engine import FitState, atomic_save, fit, load_checkpoint, resolve_device
-from bqat.errors import UserError
+from bqat.engine import FitState, fit, resolve_device
+from bqat.errors import UserError, fail, one_line_hydra_errors
 from bqat.launch import show_sweep_config
 from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
-from bqat.quant import make_twin
+from bqat.preempt import stop_on_signals
+from bqat.quant import Quantizer, make_twin
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
+from bqat.resume import RunCheckpoint, prepare_run_dir
 
 log = logging.getLogger("bqat")
 
@@ -58,22 +60,6 @@ def build_scheduler(optimizer, cfg, updates_per_epoch: int):
     return scheduler
 
 
-def checkpoint_state(hybrid, optimizer, scheduler, state: FitState, cfg) -> dict:
-    return {
-        "twin": hybrid.twin.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": state.epoch,
-        "step": state.step,
-        "best_top1": state.best_top1,
-        "train_seconds": state.train_seconds,
-        "last_val": state.last_val,
-        "first_step_loss": state.first_step_loss,
-        "generator": hybrid.generator.get_state(),  # the sampled schedule's draws continue on resume
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-
-
 def train(cfg: DictConfig) -> dict:
     validate(cfg)
     start = time.perf_counter()
@@ -81,15 +67,19 @@ def train(cfg: DictConfig) -> dict:
     device = dist.setup(resolve_device(cfg.trainer.device))  # joins torchrun's process group, if any
     distributed, is_main = dist.is_distributed(), dist.is_main()
     run_dir = dist.agree_run_dir(Path(HydraConfig.get().runtime.output_dir))
+    with dist.rank_zero_first():  # rank 0 sets an earlier run aside before the others look
+        finished = prepare_run_dir(run_dir, cfg)
+    if finished is not None:
+        return finished  # a re-run sweep skips the runs that are done
     accel = Accel(cfg.trainer, device)
     use_compile, compile_backend, compile_mode = compile_settings(cfg.trainer)
     seed_everything(cfg.seed)
 
-    data = build_data(cfg.data, seed=cfg.seed)
-    if device.type == "cuda":
-        data.to(device)  # in-memory datasets live on the GPU
+    # Every rank holds the whole dataset (in-memory sets on the device); the twin's loaders
+    # are sharded after the partner, which rank 0 trains on all of it.
+    data = build_data(cfg.data, seed=cfg.seed, device=device)
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
-    boundaries = model_boundaries(fp, cfg.model)
+    boundaries = model_boundaries(fp, cfg.model, data.input_size)
     check_split(fp, boundaries, data.input_size)
     with dist.rank_zero_first():  # trained once, on all the data, by rank 0; read from the cache by the others
         partner, partner_top1, partner_source = get_partner(fp, data, cfg, device)
@@ -112,42 +102,34 @@ def train(cfg: DictConfig) -> dict:
     with torch.no_grad():
         hybrid.twin.train()(init_x)
 
-    state, resumed_from = FitState(), None
-    last = run_dir / "checkpoints" / "last.pt"
-    if cfg.resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        hybrid.twin.load_state_dict(ckpt["twin"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = FitState(ckpt["epoch"], ckpt["step"], ckpt["best_top1"], dict(ckpt.get("last_val", {})), ckpt.get("train_seconds", 0.0),
-                         ckpt.get("first_step_loss"))
-        if "generator" in ckpt:
-            hybrid.generator.set_state(ckpt["generator"])
-        resumed_from = state.epoch
-        log.info(f"resuming from {last} at epoch {state.epoch}")
+    # Last before fit: resuming restores the random states too.
+    ckpt = RunCheckpoint(run_dir, cfg, hybrid, optimizer, scheduler, data.train, partner_source)
+    state = ckpt.restore()
+    resumed_from = ckpt.resumed_from_epoch
 
     if use_compile:  # after initialisation and resume: the graphs see initialised quantizers
         compile_blocks(hybrid, backend=compile_backend, mode=compile_mode)
     task = dist.DistributedTask(hybrid, device) if distributed else hybrid
 
-    writer = SummaryWriter(str(run_dir / "tb")) if is_main else None  # rank 0 alone writes
+    # Rank 0 alone writes. Resuming drops the events logged after the checkpoint (they are trained again).
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=None if resumed_from is None else state.step + 1) if is_main else None
     if writer is not None:
         writer.add_scalar("partner/top1", partner_top1, 0)
 
     def on_epoch_end(state: FitState, improved: bool) -> None:
         if not is_main:
             return
-        ckpt = checkpoint_state(hybrid, optimizer, scheduler, state, cfg)
-        atomic_save(ckpt, last)
-        if improved:
-            atomic_save(ckpt, run_dir / "checkpoints" / "best.pt")
-        for name, module in hybrid.twin.named_modules():
-            step = getattr(module, "step", None)
-            if isinstance(step, torch.nn.Parameter):
-                writer.add_scalar(f"step_size/{name}", step.detach().float().mean(), state.step)
+        ckpt.save(state, best=improved)
+        for name, module in hybrid.twin.named_modules():  # learned grids: LSQ's s, PACT's alpha / L, ...
+            if isinstance(module, Quantizer) and next(module.parameters(recurse=False), None) is not None:
+                writer.add_scalar(f"step_size/{name}", module.scale_zero_point()[0].float().mean(), state.step)
+
+    def on_stop(state: FitState) -> Path | None:
+        return ckpt.save(state) if is_main else None
 
     state = fit(task, data, optimizer, scheduler, epochs=cfg.trainer.epochs, cfg=cfg.trainer, device=device,
-                state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end, accel=accel, distributed=distributed)
+                state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end, on_stop=on_stop,
+                accel=accel, distributed=distributed)
     if writer is not None:
         writer.close()
 
@@ -185,11 +167,11 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
     try:
-        train(cfg)
+        with stop_on_signals():  # SIGTERM/SIGUSR1: finish the step, save, exit
+            train(cfg)
     except UserError as err:
         log.error(str(err))
-        print(f"bqat-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
     finally:
         dist.teardown()
 
@@ -197,9 +179,10 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console script `bqat-train` and `python -m bqat.train`."""
     sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(sys.argv[1:]))
-    if show_sweep_config(sys.argv[1:], CONF_DIR):  # `-m ... --cfg hydra`, which Hydra 1.3 refuses
-        return
-    hydra_main()
+    with one_line_hydra_errors():
+        if show_sweep_config(sys.argv[1:], CONF_DIR):  # `-m ... --cfg hydra`, which Hydra 1.3 refuses
+            return
+        hydra_main()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -37,9 +38,10 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     assert any(t.startswith("step_size/") for t in tags)
 
 
-def test_sweep_over_bits_shares_one_cached_partner(tmp_path):
+def test_sweep_over_bits_shares_one_cached_partner_and_a_rerun_skips_finished_runs(tmp_path):
     partners = tmp_path / "partners"
-    proc = run_cli(["-m", "bits=2,4", *FAST, "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'multirun'}", f"partner.cache_dir={partners}"], cwd=ROOT)
+    sweep = ["-m", "bits=2,4", *FAST, "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'multirun'}", f"partner.cache_dir={partners}"]
+    proc = run_cli(sweep, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted((tmp_path / "multirun").glob("*/metrics.json"))
     assert len(runs) == 2
@@ -48,6 +50,14 @@ def test_sweep_over_bits_shares_one_cached_partner(tmp_path):
     assert len({m["partner_source"] for m in metrics}) == 1
     assert len(list(partners.glob("*.pt"))) == 1
     assert metrics[0]["partner_top1"] == metrics[1]["partner_top1"]
+
+    written = {p: p.read_text() for p in runs}
+    again = run_cli(sweep, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for path, text in written.items():
+        assert path.read_text() == text
+        assert "already finished" in (path.parent / "train.log").read_text()
+    assert not (path.parent / "previous").exists()
 
 
 def test_numeric_bits_overrides_are_quoted_for_hydra():
@@ -61,3 +71,51 @@ def test_every_bits_option_composes(compose_cfg):
     for b in (2, 3, 4, 8):
         cfg = compose_cfg(f"bits='{b}'")
         assert (cfg.bits.w, cfg.bits.a, cfg.bits.first_last) == (b, b, 8)
+
+
+def test_every_quantizer_trains_under_prefix_per_tensor_and_per_channel(tmp_path):
+    """`bqat-train quant=<q> quant.per_channel=<true|false> bits=2 schedule=prefix` for all five
+    quantizers and both settings, as one Hydra sweep sharing one cached partner."""
+    from omegaconf import OmegaConf
+
+    quants = ["lsq", "lsqplus", "pact", "dorefa", "ewgs"]
+    partners = tmp_path / "partners"
+    proc = run_cli(["-m", f"quant={','.join(quants)}", "quant.per_channel=true,false", "bits=2", "schedule=prefix",
+                    "trainer.epochs=1", "partner.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                    "data.batch_size=16", "trainer.progress=false", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+                    f"partner.cache_dir={partners}"], cwd=ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "multirun").glob("*/metrics.json"))
+    seen = set()
+    for path in runs:
+        metrics = json.loads(path.read_text())
+        cfg = OmegaConf.load(path.parent / ".hydra" / "config.yaml")
+        name, per_channel = cfg.quant.name, cfg.quant.per_channel
+        seen.add((name, per_channel))
+        assert metrics["quant"] == name and metrics["schedule"] == "prefix" and metrics["epoch"] == 1
+        assert (metrics["bits_w"], metrics["bits_a"], metrics["first_last"]) == (2, 2, "8")
+        assert 0 <= metrics["top1"] <= 100 and len(metrics["mixed_top1"]) == 2
+        twin = torch.load(path.parent / "checkpoints" / "last.pt", weights_only=True)["twin"]
+        layer = "layer1.0.conv1"  # 16 output channels
+        if name in ("lsq", "lsqplus", "ewgs"):
+            assert twin[f"{layer}.weight_quantizer.step"].shape == ((16,) if per_channel else ()), (name, per_channel)
+        assert (f"{layer}.input_quantizer.offset" in twin) == (name == "lsqplus")
+        assert (f"{layer}.input_quantizer.alpha" in twin) == (name == "pact")
+        if name == "pact" and not per_channel:  # the alpha regulariser is part of the logged loss
+            events = EventAccumulator(str(path.parent / "tb"))
+            events.Reload()
+            assert "train/reg/quant" in events.Tags()["scalars"]
+    assert seen == {(q, pc) for q in quants for pc in (True, False)}
+    assert len(list(partners.glob("*.pt"))) == 1
+
+
+def test_weight_and_activation_bits_are_set_apart(compose_cfg):
+    from bqat.config import validate
+    from bqat.errors import UserError
+
+    assert [(c.bits.w, c.bits.a) for c in (compose_cfg("bits=w2a4"), compose_cfg("bits=w4a8"))] == [(2, 4), (4, 8)]
+    cfg = compose_cfg("bits.w=2", "bits.a=4", "bits.first_last=fp")
+    assert (cfg.bits.w, cfg.bits.a, cfg.bits.first_last) == (2, 4, "fp")
+    validate(cfg)
+    with pytest.raises(UserError, match="bits.w must be an integer from 2 to 8"):
+        validate(compose_cfg("bits.w=1"))

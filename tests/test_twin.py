@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 import bqat.models  # noqa: F401
+from bqat.export.fixed import check_on_grid, freeze
 from bqat.quant import QConv2d, QLinear, make_twin
 from bqat.quant.twin import first_last_names
 
@@ -49,6 +50,38 @@ def test_twin_weights_are_integers_in_range(fp):
             assert torch.allclose(codes, codes.round(), atol=1e-4), name
             assert codes.min() >= wq.qn - 1e-4 and codes.max() <= wq.qp + 1e-4, name
             assert len(codes.round().unique()) <= 2**wq.bits
+
+
+def grid_codes(q, xq, like):
+    """Integer codes of a fake-quantized tensor by the export contract x_q = scale * (code - zero_point)."""
+    scale, zp = q.scale_zero_point()
+    shape = q.param_shape(like) if scale.dim() else ()
+    return xq / scale.reshape(shape) + zp.reshape(shape)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("quant", ["lsq", "lsqplus", "pact", "dorefa", "ewgs"])
+def test_every_quantizers_twin_is_on_its_integer_grid(fp, quant, per_channel):
+    """Weights and input activations of every layer: code = x_q / scale + zero_point is an integer in
+    [qn, qp] (DoReFa: its normalised [-1, 1] grid, zero_point L/2); W2A4, so the two bit-widths differ."""
+    twin = make_twin(fp, *cfgs(quant=quant, w=2, a=4, per_channel=per_channel))
+    seen = {}
+    hooks = [m.input_quantizer.register_forward_hook(lambda q, i, o, n=n: seen.__setitem__(n, (q, i[0], o)))
+             for n, m in qlayers(twin).items()]
+    twin(torch.randn(4, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    edges = first_last_names(twin)
+    assert len(seen) == 20
+    for name, m in qlayers(twin).items():
+        wq = m.weight_quantizer
+        assert wq.per_channel == per_channel and (wq.bits, m.input_quantizer.bits) == ((8, 8) if name in edges else (2, 4))
+        for q, x, xq in ((wq, m.weight, wq(m.weight)), seen[name]):
+            codes = grid_codes(q, xq.detach(), x)
+            assert torch.allclose(codes, codes.round(), atol=2e-3), (quant, name, q.kind)
+            assert codes.min() >= q.qn - 1e-3 and codes.max() <= q.qp + 1e-3, (quant, name, q.kind)
+            # bqat-export freezes exactly this grid and checks the quantizer's outputs against it
+            check_on_grid(freeze(q, name), q, x.detach(), xq.detach(), name)
 
 
 def test_first_last_fp_policy_keeps_float_layers(fp):

@@ -1,12 +1,19 @@
 """Quantizers, quantized modules and the twin builder.
 
-Importing this package registers the built-in quantizers.
+Every module of this package is imported here, so a quantizer registers itself just by
+existing: adding one is one module in bqat/quant/ plus one conf/quant/<name>.yaml (README).
 """
 
-from bqat.quant import lsq  # noqa: F401  (registers "lsq")
-from bqat.quant.base import Quantizer
+import importlib
+import pkgutil
+
+from bqat.quant.base import Quantizer, quantizer_regularization
 from bqat.quant.modules import QConv2d, QLinear
 from bqat.quant.registry import QUANTIZERS, get_quantizer, register_quantizer
 from bqat.quant.twin import make_twin
 
-__all__ = ["QUANTIZERS", "QConv2d", "QLinear", "Quantizer", "get_quantizer", "make_twin", "register_quantizer"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["QUANTIZERS", "QConv2d", "QLinear", "Quantizer", "get_quantizer", "make_twin", "quantizer_regularization",
+           "register_quantizer"]

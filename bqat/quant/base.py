@@ -6,18 +6,24 @@ import torch
 from torch import nn
 
 from bqat import dist
+from bqat.quant.functional import Core, compiled
 
 
 class Quantizer(nn.Module):
     """Fake-quantizes a weight or activation tensor onto an integer grid [qn, qp].
 
+    Every quantizer is built as `Cls(bits, kind, per_channel=False, channels=1, **extras)`;
+    `extras` are the other keys of conf/quant/<name>.yaml (make_twin passes them on).
+
     kind: "weight" (always signed) or "act" (signedness decided from the first batch:
     unsigned after a ReLU, signed when the input has negative values).
     per_channel: one step per output channel (weights only; dim 0).
-    Subclasses implement `init_params(x)` and `fake_quant(x)`.
+    compile: run the quantizer's pure core (bqat.quant.functional) through torch.compile.
+    Subclasses implement `init_params(x)`, `fake_quant(x)` and `scale_zero_point()`, and
+    may add a `regularizer()` term to the training loss.
     """
 
-    def __init__(self, bits: int, kind: str, per_channel: bool = False, channels: int = 1):
+    def __init__(self, bits: int, kind: str, per_channel: bool = False, channels: int = 1, compile: bool = False):
         super().__init__()
         if kind not in ("weight", "act"):
             raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
@@ -27,6 +33,8 @@ class Quantizer(nn.Module):
         self.channels = channels if self.per_channel else 1
         self.signed = kind == "weight"
         self.initialized = False
+        # Not `self.compile`: that name is nn.Module.compile().
+        self.use_compile = bool(compile)
 
     # Plain Python flags travel in the state dict as extra state, so a checkpoint
     # restores them and the forward pass needs no device sync to read them.
@@ -59,6 +67,10 @@ class Quantizer(nn.Module):
             return x[0].numel()
         return x[0].numel() if self.per_channel else x.numel()
 
+    def core(self, core: Core) -> Core:
+        """A pure forward/backward pair of bqat.quant.functional, compiled when `quant.compile=true`."""
+        return compiled(core) if self.use_compile else core
+
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         # Under DDP every rank sees a different slice of the first batch; the ranks agree
@@ -83,8 +95,21 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero_point) with x_q = scale * (code - zero_point), code in [qn, qp]."""
+        """(scale, zero_point) with x_q = scale * (code - zero_point), code an integer in [qn, qp].
+
+        Per-channel weight quantizers return (C,)-shaped tensors, others 0-d tensors.
+        """
         raise NotImplementedError
+
+    def regularizer(self) -> torch.Tensor | None:
+        """A term this quantizer adds to the training loss (PACT's L2 on alpha), or None."""
+        return None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, kind={self.kind}, per_channel={self.per_channel}, signed={self.signed}"
+
+
+def quantizer_regularization(model: nn.Module) -> torch.Tensor | None:
+    """Sum of every quantizer's `regularizer()` in `model`, or None when none has one."""
+    terms = [r for m in model.modules() if isinstance(m, Quantizer) and (r := m.regularizer()) is not None]
+    return torch.stack(terms).sum() if terms else None

@@ -2,11 +2,20 @@
 
 As in torchao's FakeQuantizedLinear, `from_float` shares the float layer's weight tensor,
 so a twin built from a model starts with exactly its weights.
+
+`QUANT_MODULES` maps each float layer type to its quantized version; only these exact
+types are swapped. timm's own subclasses are listed where their forward is known:
+`timm.layers.Linear` is nn.Linear outside TorchScript, and `Conv2dSame` pads the input
+TensorFlow-style before the conv (tf_efficientnet, tf_mobilenetv3, ...), which
+`QConv2dSame` keeps. Any other subclass (StdConv2d, ScaledStdConv2d: weight
+standardisation in forward) stays float in the twin, and make_twin logs it.
 """
 
 from __future__ import annotations
 
+import timm.layers
 import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame, conv2d_same
 from torch import nn
 
 
@@ -54,4 +63,18 @@ class QLinear(_QuantMixin, nn.Linear):
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
-QUANT_MODULES = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
+class QConv2dSame(QConv2d):
+    """timm's Conv2dSame (dynamic TF 'SAME' padding) with quantized input and weight.
+
+    The input is quantized before padding: the zero padding is on every grid."""
+
+    def forward(self, x):
+        return conv2d_same(self.quantized_input(x), self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+QUANT_MODULES = {
+    nn.Conv2d: QConv2d,
+    nn.Linear: QLinear,
+    timm.layers.Linear: QLinear,
+    Conv2dSame: QConv2dSame,
+}

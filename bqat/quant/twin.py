@@ -4,6 +4,9 @@ their weights and input activations (DESIGN.md). One module-swap function does i
 from __future__ import annotations
 
 import copy
+import logging
+import re
+from collections import Counter
 from typing import Callable
 
 from torch import nn
@@ -12,10 +15,36 @@ from bqat.errors import UserError
 from bqat.quant.modules import QUANT_MODULES
 from bqat.quant.registry import get_quantizer
 
+log = logging.getLogger("bqat")
+
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv2d and Linear layers in registration order (the order they run in for CNNs)."""
+    """Conv2d and Linear layers (and the timm subclasses bqat knows) in registration order."""
     return [(n, m) for n, m in model.named_modules() if type(m) in QUANT_MODULES]
+
+
+def float_layers(model: nn.Module, exempt: set[str] = frozenset()) -> list[tuple[str, nn.Module]]:
+    """Conv/Linear layers (any subclass) that no quantized module replaced, except `exempt` names."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not isinstance(m, tuple(QUANT_MODULES.values())) and n not in exempt
+    ]
+
+
+def report_float_layers(twin: nn.Module, exempt: set[str]) -> None:
+    """Say which weighted layers stay float (a Conv2d subclass with its own forward, Conv1d, ...),
+    and that reparameterisable blocks (RepVGG, MobileOne) are quantized branch by branch."""
+    kept = float_layers(twin, exempt)
+    if kept:
+        kinds = ", ".join(f"{c} {t}" for t, c in Counter(type(m).__name__ for _, m in kept).items())
+        log.warning(f"twin: {len(kept)} layers stay float (no quantized version of their type: {kinds}), "
+                    f"e.g. {', '.join(n for n, _ in kept[:3])}")
+    reparam = Counter(type(m).__name__ for m in twin.modules() if callable(getattr(m, "reparameterize", None)))
+    if reparam:
+        kinds = ", ".join(f"{c} {t}" for t, c in reparam.items())
+        log.info(f"twin: {kinds} quantized in training form, each branch on its own grid; "
+                 "reparameterizing the twin would leave the grids")
 
 
 def first_last_names(model: nn.Module) -> tuple[str, str]:
@@ -58,6 +87,19 @@ def swap_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | 
     return model
 
 
+def build_quantizer(quant_cfg, bits: int, kind: str, **kwargs) -> nn.Module:
+    """`Cls(bits, kind, per_channel, channels, **extras)`, extras = the quant config's other keys."""
+    cls = get_quantizer(quant_cfg.name)
+    extras = {k: v for k, v in quant_cfg.items() if k not in ("name", "per_channel")}
+    try:
+        return cls(bits, kind, **kwargs, **extras)
+    except TypeError as err:  # an unknown extra key, e.g. a typo in `+quant.<key>=...`
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if not found:
+            raise
+        raise UserError(f"quant={quant_cfg.name} has no option quant.{found.group(1)}; see conf/quant/{quant_cfg.name}.yaml") from err
+
+
 def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
     """Deep copy of `fp` with quantized Conv2d/Linear layers, per the quant and bits configs."""
     twin = copy.deepcopy(fp)
@@ -66,17 +108,20 @@ def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
         p.requires_grad_(True)
     if quant_cfg.name == "none":
         return twin
-    quantizer = get_quantizer(quant_cfg.name)
+    get_quantizer(quant_cfg.name)  # an unknown name fails once, naming the known ones
     edges = first_last_names(twin)
-    kwargs = {k: v for k, v in quant_cfg.items() if k not in ("name", "per_channel")}
+    by_policy: set[str] = set()  # layers the first/last policy keeps float on purpose
 
     def make(name, m):
         bits = layer_bits(name, bits_cfg, edges)
         if bits is None:
+            by_policy.add(name)
             return None
         per_channel = bool(quant_cfg.per_channel) or is_depthwise(m)
-        wq = quantizer(bits[0], "weight", per_channel=per_channel, channels=m.weight.shape[0], **kwargs)
-        aq = quantizer(bits[1], "act", **kwargs)
+        wq = build_quantizer(quant_cfg, bits[0], "weight", per_channel=per_channel, channels=m.weight.shape[0])
+        aq = build_quantizer(quant_cfg, bits[1], "act")
         return QUANT_MODULES[type(m)].from_float(m, wq, aq)
 
-    return swap_modules(twin, make)
+    swap_modules(twin, make)
+    report_float_layers(twin, by_policy)
+    return twin

@@ -1,0 +1,64 @@
+"""The `bqat-export` command: RUN_DIR -> RUN_DIR/export/, a one-line error for anything a user can fix."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bqat.errors import UserError
+from bqat.export.rundir import checkpoint_path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bqat-export",
+        description="Write RUN_DIR/export/{weights.safetensors, model.onnx, config.yaml, report.json} for a finished bqat-train run.")
+    parser.add_argument("run_dir", help="a run folder written by bqat-train (outputs/runs/<run>)")
+    parser.add_argument("--checkpoint", choices=("last", "best"), default="last", help="which checkpoint to export (default: last)")
+    parser.add_argument("--opset", type=int, default=13, help="ONNX opset, 13 or later (default: 13)")
+    parser.add_argument("--limit-val-batches", type=int, default=None, help="check the export on this many validation batches (default: all)")
+    return parser.parse_args(argv)
+
+
+def print_report(report: dict, out: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"{report['model']} {report['quant']} W{report['bits_w']}A{report['bits_a']} export ({report['checkpoint']})")
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    table.add_row("val top-1 %, PyTorch twin", f"{report['torch_top1']:.2f}")
+    table.add_row("val top-1 %, ONNX Runtime", f"{report['onnx_top1']:.2f}")
+    table.add_row(f"top-1 agreement ({report['val_images']} images)", f"{report['agreement']:.4f}")
+    table.add_row("max |logit diff|, ONNX vs twin", f"{report['max_abs_logit_diff']:.2e}")
+    table.add_row("max |logit diff|, rebuilt vs twin", f"{report['rebuilt_max_abs_logit_diff']:.2e}")
+    table.add_row("fp32 / packed bytes", f"{report['fp32_bytes']} / {report['packed_bytes']} = {report['compression']:.1f}x")
+    table.add_row("QDQ pairs (quantized layers)", f"{report['qdq_pairs']} ({report['quantized_layers']})")
+    console.print(table)
+    console.print(f"written: {out}/{{weights.safetensors, model.onnx, config.yaml, report.json}}")
+
+
+def main(argv=None) -> None:
+    """Console script `bqat-export` and `python -m bqat.export`."""
+    args = parse_args(argv)
+    try:
+        if args.opset < 13:
+            raise UserError(f"--opset must be 13 or later (per-channel QuantizeLinear), got {args.opset}")
+        if args.limit_val_batches is not None and args.limit_val_batches < 1:
+            raise UserError(f"--limit-val-batches must be a positive number of batches, got {args.limit_val_batches}")
+        checkpoint_path(args.run_dir, args.checkpoint)  # a wrong path fails here, before torch loads
+        try:
+            from bqat.export.run import export_run
+        except ImportError as err:
+            raise UserError(f"bqat-export needs the [export] extra ({err.name} is not installed): pip install -e '.[export]'") from None
+        report = export_run(args.run_dir, args.checkpoint, args.opset, args.limit_val_batches)
+    except UserError as err:
+        print(f"bqat-export: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print_report(report, Path(args.run_dir) / "export")
+
+
+if __name__ == "__main__":
+    main()

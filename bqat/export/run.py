@@ -1,0 +1,118 @@
+"""Export one finished run: RUN_DIR -> RUN_DIR/export/{weights.safetensors, model.onnx, config.yaml, report.json}.
+
+The twin comes from the run's checkpoint exactly as training left it; the packed file and
+the ONNX graph are both built from the twin *rebuilt from the packed file*, so the report
+checks the whole chain against the PyTorch fake-quant twin on the validation set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bqat.data import build_data
+from bqat.engine import load_checkpoint
+from bqat.errors import UserError
+from bqat.export import onnx_qdq
+from bqat.export.rundir import checkpoint_path
+from bqat.export.weights import load_packed_twin, pack_twin, packed_bytes, quantized_layers, save_packed
+from bqat.models import build_model
+from bqat.quant import make_twin
+
+
+def read_checkpoint(ckpt_path: Path) -> tuple[dict, DictConfig]:
+    """The twin's state_dict and the resolved config saved in a training checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt, dict) or "twin" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{ckpt_path} is not a bqat twin checkpoint (no 'twin' and 'config' entries)")
+    cfg = OmegaConf.create(ckpt["config"])
+    return ckpt["twin"], cfg
+
+
+def fp32_bytes(twin: torch.nn.Module) -> int:
+    """Bytes of the same network in float32: the twin's state without its quantizers."""
+    total = 0
+    for key, value in twin.state_dict().items():
+        if ".weight_quantizer." in f".{key}" or ".input_quantizer." in f".{key}" or not isinstance(value, torch.Tensor):
+            continue
+        total += value.numel() * (4 if value.is_floating_point() else value.element_size())
+    return total
+
+
+@torch.no_grad()
+def compare(twin, rebuilt, sess, loader, limit=None) -> dict:
+    """Top-1 of the PyTorch twin and of ONNX Runtime, and how far apart they are, over `loader`."""
+    agree = correct_torch = correct_onnx = total = 0
+    diff_onnx = diff_rebuilt = 0.0
+    for i, (x, y) in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        ref = twin(x)
+        ort_logits = onnx_qdq.run(sess, x)
+        diff_onnx = max(diff_onnx, (ort_logits - ref).abs().max().item())
+        diff_rebuilt = max(diff_rebuilt, (rebuilt(x) - ref).abs().max().item())
+        agree += (ort_logits.argmax(1) == ref.argmax(1)).sum().item()
+        correct_torch += (ref.argmax(1) == y).sum().item()
+        correct_onnx += (ort_logits.argmax(1) == y).sum().item()
+        total += len(y)
+    if total == 0:
+        raise UserError("the validation set is empty; nothing to check the export on")
+    return {
+        "torch_top1": 100.0 * correct_torch / total,
+        "onnx_top1": 100.0 * correct_onnx / total,
+        "agreement": agree / total,
+        "max_abs_logit_diff": diff_onnx,
+        "rebuilt_max_abs_logit_diff": diff_rebuilt,
+        "val_images": total,
+    }
+
+
+def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_qdq.DEFAULT_OPSET, limit_val_batches: int | None = None) -> dict:
+    """Write RUN_DIR/export/ and return the report (also written as report.json)."""
+    run_dir = Path(run_dir)
+    ckpt_path = checkpoint_path(run_dir, checkpoint)
+    state, cfg = read_checkpoint(ckpt_path)
+    data = build_data(cfg.data, seed=cfg.seed)
+    fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
+    twin = make_twin(fp, cfg.quant, cfg.bits)
+    try:
+        twin.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{ckpt_path} does not fit model {cfg.model.name} with quant={cfg.quant.name}: "
+                        f"{str(err).splitlines()[0]}") from None
+    twin.eval()
+
+    out = run_dir / "export"
+    out.mkdir(exist_ok=True)
+    calib_x, _ = next(iter(data.val))
+    info = {"num_classes": data.num_classes, "in_chans": data.input_size[0], "input_size": list(data.input_size)}
+    tensors, metadata = pack_twin(twin, calib_x, info)
+    save_packed(tensors, metadata, out / "weights.safetensors")
+    OmegaConf.save(cfg, out / "config.yaml")
+
+    rebuilt = load_packed_twin(out / "weights.safetensors")
+    model = onnx_qdq.export_onnx(rebuilt, out / "model.onnx", calib_x[:1], opset=opset)
+    counts = onnx_qdq.op_counts(model)
+
+    report = compare(twin, rebuilt, onnx_qdq.session(out / "model.onnx"), data.val, limit_val_batches)
+    fp32, packed = fp32_bytes(twin), packed_bytes(tensors)
+    report.update({
+        "fp32_bytes": fp32,
+        "packed_bytes": packed,
+        "compression": fp32 / packed,
+        "file_bytes": {name: (out / name).stat().st_size for name in ("weights.safetensors", "model.onnx")},
+        "quantized_layers": len(quantized_layers(twin)),
+        "qdq_pairs": min(counts["QuantizeLinear"], counts["DequantizeLinear"]),
+        "opset": opset,
+        "checkpoint": str(ckpt_path.relative_to(run_dir)),
+        "model": cfg.model.name,
+        "quant": cfg.quant.name,
+        "bits_w": int(cfg.bits.w),
+        "bits_a": int(cfg.bits.a),
+        "first_last": str(cfg.bits.first_last),
+    })
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,224 @@
+"""Resuming a run exactly where it stopped, and the life cycle of a run folder.
+
+`checkpoints/last.pt` holds everything the rest of the run depends on: the twin (with
+its quantizers' step sizes and flags), optimizer, scheduler, epoch, step and batch, the
+random states (torch, CUDA, numpy, python, the train loader's generator and the
+schedule's generator) and the identity of the FP partner it was trained against. It is
+loaded with `weights_only=True`, so everything in it is a tensor or a plain container.
+
+Re-running a command finds its run folder (named from the command) and:
+- returns the existing metrics when the run already finished (a re-run sweep skips it),
+- resumes from `last.pt` otherwise (`resume=true`, the default),
+- with `resume=false`, moves the earlier checkpoints, tb/ and metrics.json to
+  `previous/<time>/` and starts over: nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from bqat.engine import FitState, atomic_save, load_checkpoint, loader_generator_state
+from bqat.errors import UserError
+from bqat.partner import load_state_dict_into
+
+log = logging.getLogger("bqat")
+
+RUN_FILES = ("checkpoints", "tb", "metrics.json")  # what `resume=false` sets aside
+# Config groups that define what the twin is; a last.pt trained with other values is refused.
+MUST_MATCH = ("model", "quant", "bits", "data", "schedule", "loss", "optim", "seed")
+MAY_DIFFER = {"data.root", "data.num_workers"}
+
+
+# --- run folder -----------------------------------------------------------------
+
+
+def prepare_run_dir(run_dir: Path, cfg) -> dict | None:
+    """Before building anything: the finished run's metrics (skip it), or None (train)."""
+    if not cfg.resume:
+        set_aside(run_dir)
+        return None
+    return finished_metrics(run_dir, cfg)
+
+
+def finished_metrics(run_dir: Path, cfg) -> dict | None:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a torn or foreign file: train (and rewrite it)
+    if metrics.get("epoch") != cfg.trainer.epochs:
+        return None
+    log.info(f"already finished: {path} (epoch {metrics['epoch']}); resume=false trains it again")
+    return metrics
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move an earlier run's checkpoints, tb/ and metrics.json to previous/<time>/."""
+    run_dir = Path(run_dir)
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return None
+    dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():  # two restarts within one second
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        n += 1
+    dest.mkdir(parents=True)
+    for name in present:
+        shutil.move(str(run_dir / name), str(dest / name))
+    log.info(f"resume=false: moved the earlier run's {', '.join(present)} to {dest}")
+    return dest
+
+
+# --- random states -----------------------------------------------------------------
+
+
+def rng_state(loader_rng: torch.Tensor | None, schedule: torch.Generator) -> dict:
+    """Every random stream of a run, as tensors and plain lists (weights_only-loadable)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": [version, list(internal), gauss_next],
+        "loader": loader_rng,
+        "schedule": schedule.get_state(),
+    }
+
+
+def set_rng_state(state: dict, loader, schedule: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if state["loader"] is not None and isinstance(getattr(loader, "generator", None), torch.Generator):
+        loader.generator.set_state(state["loader"])
+    schedule.set_state(state["schedule"])
+
+
+# --- partner identity and config ---------------------------------------------------
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A digest of every weight and buffer: the same partner gives the same string."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict, cfg) -> list[str]:
+    """`key: saved -> now` for the groups in MUST_MATCH."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    old = flatten({k: saved.get(k) for k in MUST_MATCH})
+    new = flatten({k: now.get(k) for k in MUST_MATCH})
+    # Keys only one side has come from a newer or older bqat, not from the command.
+    keys = sorted((set(old) & set(new)) - MAY_DIFFER)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+# --- the run's checkpoint ----------------------------------------------------------
+
+
+class RunCheckpoint:
+    """checkpoints/{last,best}.pt of one twin run: what they hold, writing and resuming."""
+
+    def __init__(self, run_dir: Path, cfg, hybrid, optimizer, scheduler, loader, partner_source: str):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.last = self.dir / "last.pt"
+        self.cfg, self.hybrid, self.optimizer, self.scheduler, self.loader = cfg, hybrid, optimizer, scheduler, loader
+        self.partner = {"source": str(partner_source), "fingerprint": fingerprint(hybrid.partner)}
+        self.resumed_from_epoch: int | None = None
+
+    def state_dict(self, state: FitState) -> dict:
+        # Mid-epoch, the loader restarts the epoch from its state at the epoch's start and
+        # replays `batch` batches; at an epoch boundary its current state starts the next.
+        loader_rng = state.loader_rng if state.batch else loader_generator_state(self.loader)
+        return {
+            "twin": self.hybrid.twin.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "batch": state.batch,
+            "best_top1": state.best_top1,
+            "train_seconds": state.train_seconds,
+            "last_val": state.last_val,
+            "first_step_loss": state.first_step_loss,
+            "rng": rng_state(loader_rng, self.hybrid.generator),
+            "partner": self.partner,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save(self, state: FitState, best: bool = False) -> Path:
+        ckpt = self.state_dict(state)
+        atomic_save(ckpt, self.last)
+        if best:
+            atomic_save(ckpt, self.dir / "best.pt")
+        return self.last
+
+    def restore(self) -> FitState:
+        """The state to continue from: last.pt's when resuming, else a fresh one."""
+        if not (self.cfg.resume and self.last.is_file()):
+            return FitState()
+        ckpt = load_checkpoint(self.last)
+        self.check_compatible(ckpt)
+        load_state_dict_into(self.hybrid.twin, ckpt["twin"], f"checkpoint {self.last}", hint="use resume=false to start over")
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise UserError(f"cannot resume from {self.last}: its optimizer/scheduler state does not fit ({err}); use resume=false to start over") from err
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"], self.loader, self.hybrid.generator)
+        else:
+            log.warning(f"{self.last} holds no random states: the resumed run will not repeat the uninterrupted one exactly")
+        state = FitState(ckpt["epoch"], ckpt["step"], ckpt.get("batch", 0), ckpt["best_top1"], dict(ckpt.get("last_val", {})), ckpt.get("train_seconds", 0.0),
+                          first_step_loss=ckpt.get("first_step_loss"))
+        self.resumed_from_epoch = state.epoch
+        within = f", batch {state.batch} of epoch {state.epoch + 1}" if state.batch else ""
+        log.info(f"resuming from {self.last} at epoch {state.epoch}, step {state.step}{within}")
+        return state
+
+    def check_compatible(self, ckpt: dict) -> None:
+        if not isinstance(ckpt, dict) or not {"twin", "optimizer", "scheduler", "epoch", "step"} <= set(ckpt):
+            raise UserError(f"{self.last} is not a bqat run checkpoint; use resume=false to start over (the file is kept)")
+        diffs = config_differences(ckpt.get("config") or {}, self.cfg)
+        if diffs:
+            shown = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
+            raise UserError(f"{self.last} was trained with another config ({shown}); use resume=false to start over (the old run is kept) or another hydra.run.dir")
+        saved = ckpt.get("partner")
+        if saved is None:
+            log.warning(f"{self.last} does not record its partner; cannot check it is {self.partner['source']}")
+        elif saved["fingerprint"] != self.partner["fingerprint"]:
+            raise UserError(
+                f"{self.last} was trained against partner {saved['source']} (fingerprint {saved['fingerprint']}), "
+                f"but this run's partner {self.partner['source']} has different weights ({self.partner['fingerprint']}); "
+                "restore that partner (partner.checkpoint=...) or start over with resume=false"
+            )

@@ -1,0 +1,284 @@
+"""bqat-export: bit-packing, the packed file, the twin rebuilt from it, the ONNX QDQ graph, run-dir errors.
+
+The run dirs here are made in-process (a twin whose quantizers and BatchNorm statistics
+saw a few digits batches, saved as bqat-train saves it) so the tests need no training.
+"""
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from torch import nn
+
+import bqat.config  # noqa: F401  (the run-name resolver)
+from bqat.data import build_data
+from bqat.errors import UserError
+from bqat.export import onnx_qdq
+from bqat.export.cli import main
+from bqat.export.fixed import FixedQuantizer
+from bqat.export.pack import pack_codes, unpack_codes
+from bqat.export.run import export_run
+from bqat.export.weights import load_packed_twin, pack_twin, quantized_layers
+from bqat.models import build_model
+from bqat.quant import QConv2d, make_twin
+from conftest import CONF, ROOT, run_cli
+
+REPORT_KEYS = {"torch_top1", "onnx_top1", "agreement", "max_abs_logit_diff", "fp32_bytes", "packed_bytes"}
+
+
+# --- bit-packing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_round_trips_every_bit_width(bits, signed):
+    qn = -(2 ** (bits - 1)) if signed else 0
+    qp = qn + 2**bits - 1
+    codes = torch.randint(qn, qp + 1, (1001,), generator=torch.Generator().manual_seed(bits))
+    codes[:2] = torch.tensor([qn, qp])  # both ends of the grid
+    packed = pack_codes(codes, bits, qn)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(1001 * bits / 8)
+    assert torch.equal(unpack_codes(packed, bits, qn, 1001), codes)
+
+
+def test_pack_layout_is_a_little_endian_bit_stream_of_offsets():
+    # 2-bit codes 1, 2, 3, 0 -> bits (lsb first) 10 01 11 00 -> 0b00111001
+    assert pack_codes(torch.tensor([1, 2, 3, 0]), 2, 0).tolist() == [0b00111001]
+    # signed 2-bit codes -2, 1 are stored as offsets 0, 3 from qn = -2
+    assert pack_codes(torch.tensor([-2, 1]), 2, -2).tolist() == [0b00001100]
+    # 3-bit codes straddle bytes: 7, 7, 7 -> nine ones
+    assert pack_codes(torch.tensor([7, 7, 7]), 3, 0).tolist() == [255, 1]
+    with pytest.raises(ValueError, match="outside the 2-bit grid"):
+        pack_codes(torch.tensor([0, 4]), 2, 0)
+
+
+# --- a run dir made in-process -------------------------------------------------------------
+
+def make_run(run_dir, *overrides):
+    """A finished-looking run dir (config, checkpoint, metrics.json); returns its twin in eval mode."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["run_name=test", "data.image_size=16", *overrides])
+    data = build_data(cfg.data, seed=cfg.seed)
+    fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
+    torch.manual_seed(0)
+    for m in fp.modules():  # BatchNorm that is not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    twin = make_twin(fp, cfg.quant, cfg.bits).train()
+    with torch.no_grad():  # quantizer initialisation and BatchNorm statistics, as training starts
+        for _, (x, _) in zip(range(2), data.train):
+            twin(x)
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    (run_dir / "checkpoints").mkdir()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.save({"twin": twin.state_dict(), "config": config, "epoch": 1}, run_dir / "checkpoints" / "last.pt")
+    (run_dir / "metrics.json").write_text(json.dumps({"epoch": 1}))
+    return twin.eval(), data
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    twin, data = make_run(run_dir)  # resnet20, LSQ, W2A2, first/last at 8 bits
+    main([str(run_dir), "--limit-val-batches", "1"])
+    x, _ = next(iter(data.val))
+    return run_dir, twin, x[:16]
+
+
+def test_export_writes_the_files_and_the_report(run):
+    run_dir, twin, _ = run
+    out = run_dir / "export"
+    assert {p.name for p in out.iterdir()} >= {"weights.safetensors", "model.onnx", "config.yaml", "report.json"}
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["agreement"] >= 0.999 and report["onnx_top1"] == pytest.approx(report["torch_top1"], abs=2)
+    assert report["max_abs_logit_diff"] < 1.0 and report["rebuilt_max_abs_logit_diff"] == 0.0
+    assert report["val_images"] == 64  # one batch
+
+    fp_state = build_model(OmegaConf.load(out / "config.yaml").model, 10).state_dict()
+    assert report["fp32_bytes"] == sum(v.numel() * v.element_size() for v in fp_state.values())
+    with safe_open(str(out / "weights.safetensors"), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    assert report["packed_bytes"] == sum(v.numel() * v.element_size() for v in stored.values())
+    assert report["fp32_bytes"] / report["packed_bytes"] >= 10
+
+
+def test_packed_codes_are_the_twins_grid(run):
+    run_dir, twin, _ = run
+    with safe_open(str(run_dir / "export" / "weights.safetensors"), framework="pt") as f:
+        layout = json.loads(f.metadata()["layers"])
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    layers = dict(quantized_layers(twin))
+    assert set(layout) == set(layers)
+    assert {n: s["weight"]["bits"] for n, s in layout.items() if s["weight"]["bits"] != 2} == {"conv1": 8, "fc": 8}
+    for name, spec in layout.items():
+        w, layer = spec["weight"], layers[name]
+        count = layer.weight.numel()
+        assert stored[f"{name}.weight.codes"].numel() == math.ceil(count * w["bits"] / 8)
+        codes = unpack_codes(stored[f"{name}.weight.codes"], w["bits"], w["qn"], count).reshape(layer.weight.shape)
+        assert w["qn"] <= codes.min() and codes.max() <= w["qp"]
+        scale, zero_point = stored[f"{name}.weight.scale"], stored[f"{name}.weight.zero_point"]
+        with torch.no_grad():
+            assert torch.equal((codes.float() - zero_point) * scale, layer.weight_quantizer(layer.weight))
+        assert stored[f"{name}.input.scale"] == layer.input_quantizer.step
+        assert f"{name}.weight" not in stored  # no float copy of a quantized weight
+    assert "layer1.0.bn1.running_var" in stored
+
+
+def test_rebuilt_twin_logits_equal_the_trained_twins(run):
+    run_dir, twin, x = run
+    rebuilt = load_packed_twin(run_dir / "export" / "weights.safetensors")
+    assert all(isinstance(m.input_quantizer, FixedQuantizer) for _, m in quantized_layers(rebuilt))
+    with torch.no_grad():
+        for batch in (x, 3 * x, torch.randn_like(x)):  # in range, clipped, signed
+            assert torch.equal(rebuilt(batch), twin(batch))
+
+
+def test_onnx_graph_has_one_qdq_pair_per_quantized_weight_and_input(run):
+    run_dir, twin, x = run
+    model = onnx.load(str(run_dir / "export" / "model.onnx"))
+    counts = onnx_qdq.op_counts(model)
+    layers = len(quantized_layers(twin))
+    assert layers == 20  # 19 convs + fc
+    assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 2 * layers
+    assert counts["Clip"] == layers  # one per activation: the low-bit grid inside the 8-bit container
+    producer = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            data, weight = (producer[name] for name in node.input[:2])
+            assert data.op_type == weight.op_type == "DequantizeLinear"
+            assert producer[data.input[0]].op_type == "QuantizeLinear"
+            assert producer[producer[data.input[0]].input[0]].op_type == "Clip"
+
+    # onnxruntime and PyTorch sum a convolution in different orders; an activation on an exact
+    # rounding tie can then take the neighbouring code, so an image may move by one code's effect.
+    sess = onnx_qdq.session(run_dir / "export" / "model.onnx")
+    with torch.no_grad():
+        for batch in (x, 3 * x):
+            ours, ref = onnx_qdq.run(sess, batch), twin(batch)
+            assert ((ours - ref).abs().amax(1) < 1e-4).float().mean() >= 0.9
+            assert (ours.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_per_channel_weights_and_float_edge_layers_export(tmp_path):
+    twin, data = make_run(tmp_path / "run", "quant.per_channel=true", "bits='3'", "bits.first_last=fp")
+    report = export_run(tmp_path / "run", limit_val_batches=1)
+    assert report["quantized_layers"] == report["qdq_pairs"] / 2 == 18  # conv1 and fc stay float
+    assert report["agreement"] >= 0.999 and report["rebuilt_max_abs_logit_diff"] == 0.0
+    with safe_open(str(tmp_path / "run" / "export" / "weights.safetensors"), framework="pt") as f:
+        assert f.get_tensor("layer2.0.conv1.weight.scale").shape == (32,)
+        assert "conv1.weight" in f.keys() and "fc.weight" in f.keys() and "fc.bias" in f.keys()
+    rebuilt = load_packed_twin(tmp_path / "run" / "export" / "weights.safetensors")
+    x, _ = next(iter(data.val))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x[:16]), twin(x[:16]))
+
+
+def test_zero_points_export_to_matching_qdq(tmp_path):
+    """Grids with zero points (as LSQ+ gives): integer ones go into the container, others become a shift."""
+    conv = nn.Conv2d(3, 4, 3)
+    w_grid = FixedQuantizer(2, "weight", -2, 1, torch.tensor([0.1, 0.2, 0.05, 0.3]), torch.tensor([1.0, -1.0, 0.0, 0.0]), per_channel=True)
+    codes = torch.randint(-2, 2, conv.weight.shape, generator=torch.Generator().manual_seed(0))
+    for zp, qn, qp in ((0.5, -2, 1), (2.0, 0, 3)):  # fractional signed, integer unsigned
+        a_grid = FixedQuantizer(2, "act", qn, qp, torch.tensor(0.4), torch.tensor(zp))
+        model = nn.Sequential(QConv2d.from_float(conv, w_grid, a_grid), nn.Flatten()).eval()
+        model[0].weight.data = w_grid.dequantize(codes)
+        path = tmp_path / f"zp{zp}.onnx"
+        counts = onnx_qdq.op_counts(onnx_qdq.export_onnx(model, path, torch.randn(1, 3, 6, 6)))
+        assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 2
+        x = 2 * torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.allclose(onnx_qdq.run(onnx_qdq.session(path), x), model(x), atol=1e-5, rtol=0)
+            assert torch.equal(a_grid.codes(x).unique(), torch.arange(qn, qp + 1.0))
+
+
+# --- quantizers the exporter cannot honour -------------------------------------------------
+
+def tiny_twin():
+    fp = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    twin = make_twin(fp, OmegaConf.create({"name": "lsq", "per_channel": False}), OmegaConf.create({"w": 2, "a": 2, "first_last": "same"}))
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        twin(x)
+    return twin.eval(), x
+
+
+def test_quantizers_that_break_the_grid_contract_are_refused():
+    twin, x = tiny_twin()
+    pack_twin(twin, x, {})  # the plain LSQ twin exports
+    q = twin[2].weight_quantizer
+
+    def no_grid():
+        raise NotImplementedError
+
+    q.scale_zero_point = no_grid
+    with pytest.raises(UserError, match=r"^cannot export 2\.weight_quantizer: quantizer LSQ does not implement scale_zero_point"):
+        pack_twin(twin, x, {})
+    q.scale_zero_point = lambda: (2 * q.step.detach(), torch.zeros(()))  # a grid twice too coarse
+    with pytest.raises(UserError, match=r"2\.weight_quantizer: quantizer LSQ outputs values off the grid"):
+        pack_twin(twin, x, {})
+    del q.scale_zero_point
+    a = twin[4].input_quantizer
+    a.scale_zero_point = lambda: (a.step.detach(), torch.tensor(1.0))  # the right step, a wrong zero point
+    with pytest.raises(UserError, match=r"4\.input_quantizer: quantizer LSQ"):
+        pack_twin(twin, x, {})
+    del a.scale_zero_point
+    twin[0].input_quantizer.initialized = False
+    with pytest.raises(UserError, match="never saw data"):
+        pack_twin(twin, x, {})
+
+
+# --- the command on run dirs it cannot export ------------------------------------------------
+
+def one_error_line(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bqat-export: error: ")
+    return err
+
+
+def test_missing_or_unfinished_run_dirs_fail_with_one_line(tmp_path, capsys):
+    assert "run dir not found" in one_error_line(capsys, [str(tmp_path / "nope")])
+    assert "not a bqat run dir" in one_error_line(capsys, [str(tmp_path)])
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    assert "unfinished (no checkpoints/last.pt)" in one_error_line(capsys, [str(tmp_path)])
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    assert "unfinished (no metrics.json)" in one_error_line(capsys, [str(tmp_path)])
+    (tmp_path / "metrics.json").write_text("{}")
+    assert "cannot load checkpoint" in one_error_line(capsys, [str(tmp_path)])
+    assert "--opset must be 13 or later" in one_error_line(capsys, [str(tmp_path), "--opset", "11"])
+
+
+def test_python_m_bqat_export_on_a_missing_run_dir_prints_one_line(tmp_path):
+    proc = run_cli([str(tmp_path / "missing")], cwd=ROOT, module="bqat.export")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"bqat-export: error: run dir not found: {tmp_path / 'missing'}; "
+                                                "pass the folder bqat-train wrote (outputs/runs/<run>)"]
+
+
+def test_report_numbers_match_an_independent_onnx_run(run):
+    """agreement and max_abs_logit_diff recomputed here from onnxruntime and the twin."""
+    run_dir, twin, _ = run
+    report = json.loads((run_dir / "export" / "report.json").read_text())
+    data = build_data(OmegaConf.load(run_dir / "export" / "config.yaml").data)
+    sess = onnx_qdq.session(run_dir / "export" / "model.onnx")
+    same, diff, n = 0, 0.0, 0
+    with torch.no_grad():
+        for _, (x, _) in zip(range(1), data.val):
+            ours, ref = onnx_qdq.run(sess, x).numpy(), twin(x).numpy()
+            same += int((ours.argmax(1) == ref.argmax(1)).sum())
+            diff = max(diff, float(np.abs(ours - ref).max()))
+            n += len(x)
+    assert report["agreement"] == same / n
+    assert report["max_abs_logit_diff"] == pytest.approx(diff, rel=1e-6, abs=1e-9)

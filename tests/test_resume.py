@@ -1,0 +1,288 @@
+"""Runs that survive kills, in-process: exact resume, atomic writes, safe loading, divergence, signals."""
+
+import ast
+import json
+import os
+import random
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import timm
+import timm.optim
+import timm.scheduler
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+import bqat.models  # noqa: F401  (registers resnet20)
+from bqat import preempt
+from bqat.data import TensorLoader, random_crop_flip
+from bqat.engine import DivergedError, FitState, atomic_save, fit, load_checkpoint
+from bqat.errors import UserError
+from bqat.models import default_boundaries
+from bqat.quant import make_twin
+from bqat.replace import BlockReplacement
+from bqat.resume import RunCheckpoint, prepare_run_dir, rng_state, set_rng_state
+
+from conftest import ROOT
+
+TRAINER = OmegaConf.create({"limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1, "progress": False})
+RUN_CFG = {"resume": True, "seed": 0, "bits": {"w": 2, "a": 2}}
+
+
+class Payload:
+    """Unpickling this creates `marker`: what a malicious checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+# --- exact resume of a real twin run (tiny inputs) ------------------------------------
+
+
+def build_run(tmp_path, seed=0, perturb_partner=False, run_cfg=RUN_CFG):
+    """A BlockReplacement run as train.py builds it, on 8x8 random images."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    images, labels = torch.randn(48, 3, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g)
+    train = TensorLoader(images, labels, 8, shuffle=True, drop_last=True, augment=lambda x, gen: random_crop_flip(x, 1, True, gen), seed=seed)
+    data = SimpleNamespace(train=train, val=TensorLoader(images[:16], labels[:16], 8))
+    fp = timm.create_model("resnet20", num_classes=10).eval()
+    if perturb_partner:
+        with torch.no_grad():
+            fp.conv1.weight.add_(1.0)
+    twin = make_twin(fp, OmegaConf.create({"name": "lsq", "per_channel": False}), OmegaConf.create({"w": 2, "a": 2, "first_last": 8}))
+    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "linear", "w_kd": 0.5, "T": 2.0})
+    hybrid = BlockReplacement(twin, fp, default_boundaries(fp), OmegaConf.create({"name": "prefix"}), loss_cfg, seed=seed)
+    with torch.no_grad():
+        hybrid.twin.train()(next(iter(train))[0])  # quantizer initialisation, as train.py does
+    optimizer = timm.optim.create_optimizer_v2(hybrid.twin, opt="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
+    scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched="cosine", num_epochs=2, step_on_epochs=False, updates_per_epoch=2)
+    ckpt = RunCheckpoint(tmp_path, OmegaConf.create(run_cfg), hybrid, optimizer, scheduler, train, "partner.pt")
+    return SimpleNamespace(hybrid=hybrid, data=data, optimizer=optimizer, scheduler=scheduler, ckpt=ckpt)
+
+
+def run_fit(run, state=None, on_stop=None):
+    return fit(run.hybrid, run.data, run.optimizer, run.scheduler, epochs=2, cfg=TRAINER, device=torch.device("cpu"), state=state,
+               on_epoch_end=lambda s, improved: run.ckpt.save(s, best=improved), on_stop=on_stop)
+
+
+def signal_at_step(run, step, signum):
+    """Send `signum` to this process during the `step`-th training step (as SLURM would)."""
+    original, calls = run.hybrid.training_step, []
+
+    def training_step(x, y):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return original(x, y)
+
+    run.hybrid.training_step = training_step
+
+
+def test_resume_mid_epoch_after_sigusr1_repeats_the_uninterrupted_run_exactly(tmp_path):
+    reference = build_run(tmp_path / "ref")
+    ref_state = run_fit(reference)
+    assert ref_state.step == 4
+
+    stopped = build_run(tmp_path / "run")
+    signal_at_step(stopped, 3, signal.SIGUSR1)  # epoch 2, during its first batch
+    with pytest.raises(SystemExit) as exit_info:
+        with preempt.stop_on_signals():
+            run_fit(stopped, on_stop=stopped.ckpt.save)
+    assert exit_info.value.code == 128 + signal.SIGUSR1
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (1, 3, 1)
+
+    resumed = build_run(tmp_path / "run")  # a fresh process: everything rebuilt, then restored
+    state = resumed.ckpt.restore()
+    assert (state.epoch, state.step, state.batch) == (1, 3, 1) and resumed.ckpt.resumed_from_epoch == 1
+    final = run_fit(resumed, state=state)
+
+    assert final.step == 4 and final.last_val == ref_state.last_val
+    ref_twin, twin = reference.hybrid.twin.state_dict(), resumed.hybrid.twin.state_dict()
+    assert ref_twin.keys() == twin.keys()
+    for key in ref_twin:
+        same = torch.equal(ref_twin[key], twin[key]) if torch.is_tensor(ref_twin[key]) else ref_twin[key] == twin[key]
+        assert same, key
+    ref_momentum = [s["momentum_buffer"] for s in reference.optimizer.state_dict()["state"].values()]
+    momentum = [s["momentum_buffer"] for s in resumed.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(ref_momentum, momentum, strict=True))
+
+
+def test_resume_refuses_another_partner_or_config(tmp_path):
+    run = build_run(tmp_path)
+    run.ckpt.save(FitState(epoch=1, step=2))
+    with pytest.raises(UserError, match=r"trained against partner partner\.pt .* different weights .*resume=false"):
+        build_run(tmp_path, perturb_partner=True).ckpt.restore()
+    with pytest.raises(UserError, match=r"another config \(bits\.w: 2 -> 4\)"):
+        build_run(tmp_path, run_cfg={**RUN_CFG, "bits": {"w": 4, "a": 2}}).ckpt.restore()
+    assert run.ckpt.restore().step == 2  # the same run resumes
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    loader_gen, schedule_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    atomic_save({"rng": rng_state(loader_gen.get_state(), schedule_gen)}, tmp_path / "rng.pt")
+
+    def draw():
+        return (random.random(), np.random.randn(), torch.rand(3), torch.rand(2, generator=loader_gen), torch.rand(2, generator=schedule_gen))
+
+    first = draw()
+    loader = SimpleNamespace(generator=loader_gen)
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"], loader, schedule_gen)
+    again = draw()
+    assert first[:2] == again[:2]
+    assert all(torch.equal(a, b) for a, b in zip(first[2:], again[2:]))
+
+
+# --- checkpoint files -----------------------------------------------------------
+
+
+def test_crash_inside_torch_save_leaves_the_old_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.pt"
+    atomic_save({"epoch": 1, "w": torch.arange(4.0)}, path)
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)  # half a file on disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"epoch": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    old = load_checkpoint(path)
+    assert old["epoch"] == 1 and torch.equal(old["w"], torch.arange(4.0))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_pickle_payload_is_refused_and_runs_no_code(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"state_dict": Payload(marker)}, path)
+    with pytest.raises(UserError, match="not a plain weights file") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the control: a plain pickle load does run it
+    assert marker.exists()
+
+
+def test_every_torch_load_in_bqat_is_weights_only():
+    calls = []
+    for file in (ROOT / "bqat").rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                weights_only = {k.arg: k.value for k in node.keywords}.get("weights_only")
+                calls.append((file.name, isinstance(weights_only, ast.Constant) and weights_only.value is True))
+    assert calls and all(ok for _, ok in calls), calls
+
+
+# --- divergence -----------------------------------------------------------------
+
+
+class Toy(nn.Module):
+    """A task with an LP and one mixed-path term; `nan_at` poisons the mixed term at that step."""
+
+    def __init__(self, nan_at):
+        super().__init__()
+        self.lin, self.progress, self.calls, self.nan_at = nn.Linear(4, 3), 0.0, 0, nan_at
+
+    def training_step(self, x, y):
+        self.calls += 1
+        out = self.lin(x)
+        ce_lp, ce_mix = F.cross_entropy(out, y), F.cross_entropy(2 * out, y)
+        if self.calls == self.nan_at:
+            ce_mix = ce_mix * float("nan")
+        loss = ce_lp + ce_mix
+        return loss, {"ce/lp": ce_lp.detach(), "ce/qqf": ce_mix.detach(), "loss": loss.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, x):
+        return {"lp": self.lin(x)}
+
+
+def test_non_finite_loss_names_step_and_path_and_keeps_the_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    data = SimpleNamespace(train=TensorLoader(x, y, 4, shuffle=True), val=TensorLoader(x, y, 8))
+    task = Toy(nan_at=6)  # 2 steps per epoch: step 6 is in epoch 3
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+    scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched="cosine", num_epochs=4, step_on_epochs=False, updates_per_epoch=2)
+    last = tmp_path / "last.pt"
+    after_step_5 = {}
+
+    def on_epoch_end(state, improved):
+        atomic_save({"epoch": state.epoch, "lin": task.lin.state_dict()}, last)
+
+    original = task.training_step
+
+    def training_step(x, y):
+        if task.calls == 5:
+            after_step_5.update({k: v.clone() for k, v in task.lin.state_dict().items()})
+        return original(x, y)
+
+    task.training_step = training_step
+    with pytest.raises(DivergedError) as err:
+        fit(task, data, optimizer, scheduler, epochs=4, cfg=TRAINER, device=torch.device("cpu"), on_epoch_end=on_epoch_end)
+    message = str(err.value)
+    assert "non-finite loss at step 6 (epoch 3) in ce/qqf;" in message and "ce/lp" not in message and "\n" not in message
+    assert load_checkpoint(last)["epoch"] == 2
+    assert all(torch.equal(after_step_5[k], v) for k, v in task.lin.state_dict().items())  # the bad step was not applied
+
+
+# --- signals ----------------------------------------------------------------------
+
+
+def test_submitit_requeue_handler_runs_after_the_save_and_handlers_are_restored():
+    calls = []
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        calls.append(signum)
+
+    before_term = signal.getsignal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            with preempt.stop_on_signals():
+                os.kill(os.getpid(), signal.SIGUSR2)
+                assert preempt.requested() == signal.SIGUSR2 and calls == []  # deferred to the step boundary
+                raise preempt.Preempted(signal.SIGUSR2, "twin stopped by SIGUSR2 after step 3; saved last.pt")
+        assert calls == [signal.SIGUSR2] and exit_info.value.code == 128 + signal.SIGUSR2
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler and signal.getsignal(signal.SIGTERM) == before_term
+        assert preempt.requested() is None
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+# --- run folder -------------------------------------------------------------------
+
+
+def test_resume_false_sets_the_old_run_aside_and_a_finished_run_is_skipped(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"old weights")
+    (run_dir / "metrics.json").write_text(json.dumps({"epoch": 3, "top1": 50.0}))
+    cfg = OmegaConf.create({"resume": True, "trainer": {"epochs": 3}})
+
+    assert prepare_run_dir(run_dir, cfg) == {"epoch": 3, "top1": 50.0}  # finished: skip
+    cfg.trainer.epochs = 5
+    assert prepare_run_dir(run_dir, cfg) is None  # asks for more epochs: train on
+    cfg.resume = False
+    assert prepare_run_dir(run_dir, cfg) is None
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
+    (kept,) = (run_dir / "previous").iterdir()
+    assert (kept / "checkpoints" / "last.pt").read_bytes() == b"old weights"
+    assert json.loads((kept / "metrics.json").read_text())["top1"] == 50.0
