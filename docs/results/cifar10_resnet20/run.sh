@@ -32,7 +32,7 @@ echo "epoch seconds: prefix $T_PREFIX none $T_NONE" | tee "$RESULTS/timing.txt"
 [ -n "$T_PREFIX" ] && [ -n "$T_NONE" ] || { echo "timing runs failed"; exit 1; }
 
 # Six runs side by side cost about SLOWDOWN x one run alone (measured on the H100: see the doc).
-SLOWDOWN=${SLOWDOWN:-3}
+SLOWDOWN=${SLOWDOWN:-3.5}
 LEFT=$(( BUDGET - $(elapsed) - 40 ))
 E=$($PY -c "print(max(1, int($LEFT / ($SLOWDOWN * $T_PREFIX + 1e-9))))")
 EQ=$($PY -c "print(round($E * $T_PREFIX / $T_NONE))")
@@ -40,7 +40,9 @@ echo "== [$(elapsed) s] result runs: E=$E epochs, equal-time plain LSQ E'=$EQ ep
 for b in 2 4; do
   $PY -m bqat.train $COMMON bits=$b schedule=prefix trainer.epochs=$E > "$RESULTS/w${b}_prefix_e$E.log" 2>&1 &
   $PY -m bqat.train $COMMON bits=$b schedule=none trainer.epochs=$E > "$RESULTS/w${b}_none_e$E.log" 2>&1 &
-  $PY -m bqat.train $COMMON bits=$b schedule=none trainer.epochs=$EQ > "$RESULTS/w${b}_none_e$EQ.log" 2>&1 &
+  if [ "$EQ" != "$E" ]; then
+    $PY -m bqat.train $COMMON bits=$b schedule=none trainer.epochs=$EQ > "$RESULTS/w${b}_none_e$EQ.log" 2>&1 &
+  fi
 done
 wait
 echo "== [$(elapsed) s] reports"
