@@ -39,6 +39,10 @@ def validate(cfg: DictConfig) -> None:
     _check_bits(cfg.bits.w, "bits.w")
     _check_bits(cfg.bits.a, "bits.a")
     _check_bits(cfg.bits.first_last, "bits.first_last", allow=("fp", "same"))
+    _check_bits(cfg.bits.get("depthwise", "same"), "bits.depthwise", allow=("fp", "same"))
+    clip = cfg.trainer.get("clip_grad")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise UserError(f"trainer.clip_grad must be a positive number or null, got {clip!r}")
     _check_int(cfg.trainer.epochs, "trainer.epochs", 0, "an integer >= 0")
     _check_int(cfg.partner.epochs, "partner.epochs", 0, "an integer >= 0")
     _check_int(cfg.data.batch_size, "data.batch_size", 1, "an integer of at least 1")

@@ -80,7 +80,7 @@ def loader_generator_state(loader) -> torch.Tensor | None:
 
 
 def train_epoch(task, loader, optimizer, scheduler, state: FitState, *, epochs: int, cfg, device, writer=None, progress=None, bar=None,
-                accel: Accel | None = None, distributed: bool = False) -> bool:
+                accel: Accel | None = None, distributed: bool = False, clip_grad: float | None = None) -> bool:
     """One epoch (the rest of it, when resuming mid-epoch). True when a stop signal ended it early."""
     task.train()
     accel = accel or Accel(cfg, device)
@@ -104,6 +104,7 @@ def train_epoch(task, loader, optimizer, scheduler, state: FitState, *, epochs: 
             raise diverged(logs, state)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        clip_gradients(optimizer, clip_grad)
         optimizer.step()
         state.step += 1
         state.batch = i + 1
@@ -126,6 +127,20 @@ def train_epoch(task, loader, optimizer, scheduler, state: FitState, *, epochs: 
         if preempt.requested():
             return True
     return False
+
+
+def clip_gradients(optimizer, max_norm) -> None:
+    """Scale the gradients of every parameter the optimizer updates to a global L2 norm of at
+    most `max_norm` (`trainer.clip_grad`, the twin's; None: no clipping). Under DDP the
+    gradients are already averaged over ranks, so every rank clips alike.
+
+    Why: a low-bit depthwise twin's first updates see gradient norms of 1e4-1e7 (a BatchNorm
+    channel of zero batch variance amplifies its gradient, README "Models and blocks") where
+    a ResNet's are 1-15; one such update wrecks the weights before anything can adapt."""
+    if max_norm is None:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, float(max_norm))
 
 
 def diverged(logs: dict, state: FitState) -> DivergedError:
@@ -174,13 +189,16 @@ def evaluate(task, loader, *, limit=None, device, accel: Accel | None = None, di
 
 def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: FitState | None = None, writer=None,
         metric: str = "lp", desc: str = "train", on_epoch_end: Callable[[FitState, bool], None] | None = None,
-        on_stop: Callable[[FitState], Path] | None = None, accel: Accel | None = None, distributed: bool = False) -> FitState:
+        on_stop: Callable[[FitState], Path] | None = None, accel: Accel | None = None, distributed: bool = False,
+        clip_grad: float | None = None) -> FitState:
     """Train `task` until `epochs` epochs are done (continuing from `state` when resuming).
 
     On a stop signal: `on_stop(state)` saves (returns the path written), then Preempted is raised.
 
     `distributed`: `task` is a bqat.dist.DistributedTask; logs and evaluation are reduced
     over ranks (every rank must call fit).
+
+    `clip_grad`: max global gradient norm per update (None: no clipping).
     """
     state = state or FitState()
     accel = accel or Accel(cfg, device)
@@ -191,7 +209,7 @@ def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: Fi
             bar = progress.add_task(f"{desc} {epoch + 1}/{epochs}", total=n_train, info="")
             start = time.perf_counter()
             stopped = train_epoch(task, data.train, optimizer, scheduler, state, epochs=epochs, cfg=cfg, device=device, writer=writer, progress=progress, bar=bar,
-                                  accel=accel, distributed=distributed)
+                                  accel=accel, distributed=distributed, clip_grad=clip_grad)
             epoch_seconds = time.perf_counter() - start
             state.train_seconds += epoch_seconds
             if stopped:

@@ -34,7 +34,7 @@ from bqat.launch import show_sweep_config
 from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
-from bqat.quant import Quantizer, make_twin
+from bqat.quant import Quantizer, keep_scales_positive, make_twin, set_bn_eps
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
 from bqat.resume import RunCheckpoint, prepare_run_dir
@@ -89,10 +89,12 @@ def train(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     data.train.reseed(cfg.seed)
     twin = make_twin(partner, cfg.quant, cfg.bits)
+    set_bn_eps(twin, cfg.twin.bn_eps)
     if distributed and cfg.trainer.get("sync_bn", True):
         twin = dist.convert_sync_batchnorm(twin, device)
     hybrid = accel.prepare(BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed))
     optimizer = hydra.utils.instantiate(cfg.optim.optimizer)(hybrid.twin)
+    keep_scales_positive(optimizer, hybrid.twin)  # step sizes stay >= their floor (bqat.quant.base)
     updates = len(data.train) if cfg.trainer.limit_train_batches is None else min(len(data.train), cfg.trainer.limit_train_batches)
     scheduler = build_scheduler(optimizer, cfg, updates)
 
@@ -129,7 +131,7 @@ def train(cfg: DictConfig) -> dict:
 
     state = fit(task, data, optimizer, scheduler, epochs=cfg.trainer.epochs, cfg=cfg.trainer, device=device,
                 state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end, on_stop=on_stop,
-                accel=accel, distributed=distributed)
+                accel=accel, distributed=distributed, clip_grad=cfg.trainer.get("clip_grad"))
     if writer is not None:
         writer.close()
 
@@ -156,6 +158,10 @@ def train(cfg: DictConfig) -> dict:
         "first_step_loss": state.first_step_loss,
         "precision": str(cfg.trainer.get("precision", "fp32")),
         "compile": use_compile,
+        # Stability recipe of low-bit depthwise twins (README, "Models and blocks").
+        "depthwise": str(cfg.bits.get("depthwise", "same")),
+        "twin_bn_eps": cfg.twin.bn_eps,
+        "clip_grad": cfg.trainer.get("clip_grad"),
     }
     if is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

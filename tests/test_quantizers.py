@@ -316,3 +316,58 @@ def test_compiled_cores_equal_eager_values_and_gradients():
         assert torch.allclose(dx0, dx1, atol=1e-5), (name, kind)
         for p in g0:
             assert torch.allclose(g0[p], g1[p], rtol=1e-4, atol=1e-5), (name, kind, p)
+
+
+# --- positive step sizes (bqat.quant.base: SCALE_FLOOR, keep_scales_positive) -------------
+
+def _act_quantizer(name):
+    torch.manual_seed(0)
+    q = get_quantizer(name)(2, "act")
+    q(torch.rand(64, 8))  # data-dependent init; sets the floor
+    return q
+
+
+@pytest.mark.parametrize("name", ["lsq", "lsqplus", "ewgs", "pact"])
+def test_a_step_driven_negative_by_a_huge_gradient_stays_positive(name):
+    from bqat.quant import keep_scales_positive
+    from bqat.quant.base import SCALE_FLOOR
+
+    q = _act_quantizer(name)
+    (scale,) = q.scales()
+    init = float(scale.detach())
+    assert q.floor == pytest.approx(SCALE_FLOOR * init) and q.floor > 0
+    opt = torch.optim.SGD(q.parameters(), lr=0.05)
+    keep_scales_positive(opt, q)
+    for p in q.parameters():
+        p.grad = torch.zeros_like(p)
+    scale.grad.fill_(1e8)  # what a zero-variance BatchNorm channel sends into a depthwise twin
+    opt.step()
+    assert float(scale.detach()) == pytest.approx(q.floor)  # projected onto the floor, not -5e6
+    x = torch.rand(64, 8).requires_grad_(True)
+    y = q(x)
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and scale.grad.abs().sum() > 0  # on the floor it still learns
+
+
+@pytest.mark.parametrize("name", ["lsq", "ewgs", "lsqplus"])
+def test_the_forward_reads_a_step_below_the_floor_as_the_floor(name):
+    q = _act_quantizer(name)
+    x = torch.rand(64, 8)
+    q.step.data.fill_(q.floor)
+    at_floor = q(x)
+    q.step.data.fill_(-3.0)  # e.g. set by hand or loaded: the forward never divides by s <= 0
+    assert torch.equal(q(x), at_floor)
+
+
+def test_the_floor_travels_in_the_state_dict_and_old_checkpoints_load():
+    from bqat.quant.base import LEGACY_FLOOR
+
+    q = _act_quantizer("lsq")
+    fresh = LSQ(2, "act")
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.floor == q.floor
+    old = q.state_dict()
+    old["_extra_state"] = {k: v for k, v in old["_extra_state"].items() if k != "floor"}  # before floors existed
+    fresh.load_state_dict(old)
+    assert fresh.floor == LEGACY_FLOOR and fresh.initialized

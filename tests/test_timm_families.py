@@ -161,3 +161,39 @@ def test_cli_trains_a_mobilenetv3_twin(tmp_path):
     twin = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["twin"]
     assert twin["blocks.0.0.conv_dw.weight_quantizer.step"].shape == (16,)  # depthwise: per-channel
     assert "classifier.weight_quantizer.step" in twin  # timm's Linear subclass is quantized too
+
+
+def test_depthwise_twin_takes_w2a2_block_replacement_steps_with_the_stability_recipe():
+    """mobilenetv2_035 at W2A2 with the default recipe (twin.bn_eps, trainer.clip_grad,
+    bits.depthwise, positive step sizes): a few SGD steps stay finite, every step size
+    stays positive and depthwise convs run at 8 bits."""
+    from bqat.engine import clip_gradients
+    from bqat.quant import Quantizer, keep_scales_positive, set_bn_eps
+
+    fp, cfg = build("mobilenetv2_035", {})
+    boundaries = model_boundaries(fp, cfg, SIZE)
+    twin = make_twin(fp, QUANT, OmegaConf.create({"w": 2, "a": 2, "first_last": 8, "depthwise": 8}))
+    assert set_bn_eps(twin, 1e-3) > 0 and all(m.eps == 1e-3 for m in twin.modules() if isinstance(m, nn.BatchNorm2d))
+    assert fp.bn1.eps == 1e-5  # the partner keeps its own
+    dw = [m for m in twin.modules() if isinstance(m, QConv2d) and is_depthwise(m)]
+    assert dw and all(m.weight_quantizer.bits == 8 and m.input_quantizer.bits == 8 for m in dw)
+    assert any(m.weight_quantizer.bits == 2 for m in twin.modules() if isinstance(m, QConv2d) and not is_depthwise(m))
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, *SIZE, generator=g), torch.randint(0, 10, (8,), generator=g)
+    twin(x)
+    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0})
+    hybrid = BlockReplacement(twin, fp, boundaries, OmegaConf.create({"name": "prefix"}), loss_cfg).train()
+    opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    keep_scales_positive(opt, twin)
+    for _ in range(4):
+        loss, _ = hybrid.training_step(x, y)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        clip_gradients(opt, 5.0)
+        total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in twin.parameters() if p.grad is not None]))
+        assert total <= 5.0 * (1 + 1e-4)
+        opt.step()
+    scales = [p for m in twin.modules() if isinstance(m, Quantizer) for p in m.scales()]
+    assert scales and all(bool((p > 0).all()) for p in scales)

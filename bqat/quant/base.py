@@ -8,6 +8,19 @@ from torch import nn
 from bqat import dist
 from bqat.quant.functional import Core, compiled
 
+# A learned step size (LSQ's s, LSQ+'s s, PACT's alpha) must stay positive: at s <= 0 the
+# grid flips or x / s divides by zero. Low-bit depthwise twins (MobileNet, EfficientNet)
+# see gradients of 1e4-1e8 on a step in their first updates (README, "Models and blocks"),
+# which drive it negative in one SGD update and the loss to NaN in the next. So every such
+# parameter lives in [floor, inf): the forward reads it through clamp_min(floor) (values and
+# gradients unchanged above the floor), and `keep_scales_positive` projects it back onto
+# the floor after each optimizer step (projected gradient descent: a parameter sitting on
+# the floor still gets gradient and can grow again). floor = SCALE_FLOOR * its initial
+# value, i.e. far below any step a trained layer uses.
+SCALE_FLOOR = 1e-3
+# Floor of a quantizer restored from a checkpoint written before floors existed.
+LEGACY_FLOOR = 1e-8
+
 
 class Quantizer(nn.Module):
     """Fake-quantizes a weight or activation tensor onto an integer grid [qn, qp].
@@ -33,17 +46,19 @@ class Quantizer(nn.Module):
         self.channels = channels if self.per_channel else 1
         self.signed = kind == "weight"
         self.initialized = False
+        self.floor = LEGACY_FLOOR  # set from the initial scales by `initialize`
         # Not `self.compile`: that name is nn.Module.compile().
         self.use_compile = bool(compile)
 
     # Plain Python flags travel in the state dict as extra state, so a checkpoint
     # restores them and the forward pass needs no device sync to read them.
     def get_extra_state(self):
-        return {"signed": self.signed, "initialized": self.initialized}
+        return {"signed": self.signed, "initialized": self.initialized, "floor": self.floor}
 
     def set_extra_state(self, state):
         self.signed = bool(state["signed"])
         self.initialized = bool(state["initialized"])
+        self.floor = float(state.get("floor", LEGACY_FLOOR))
 
     @property
     def qn(self) -> int:
@@ -80,7 +95,18 @@ class Quantizer(nn.Module):
             self.signed = dist.any_across_ranks(bool(x.min() < 0), device=x.device)
         self.init_params(x)
         dist.average_across_ranks([*self.parameters(), *self.buffers()])
+        self.floor = scale_floor(self.scales())
         self.initialized = True
+
+    def bounded(self, scale: torch.Tensor) -> torch.Tensor:
+        """`scale` as the forward pass uses it: never below the floor (see SCALE_FLOOR)."""
+        return scale.clamp_min(self.floor)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Put every learned scale that an update drove below the floor back onto it."""
+        for p in self.scales():
+            p.clamp_(min=self.floor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.initialized:
@@ -88,6 +114,10 @@ class Quantizer(nn.Module):
         return self.fake_quant(x)
 
     # --- subclass API ---
+    def scales(self) -> list[torch.Tensor]:
+        """The learned parameters that must stay positive (step sizes, clipping values)."""
+        return []
+
     def init_params(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -113,3 +143,25 @@ def quantizer_regularization(model: nn.Module) -> torch.Tensor | None:
     """Sum of every quantizer's `regularizer()` in `model`, or None when none has one."""
     terms = [r for m in model.modules() if isinstance(m, Quantizer) and (r := m.regularizer()) is not None]
     return torch.stack(terms).sum() if terms else None
+
+
+def scale_floor(scales: list[torch.Tensor]) -> float:
+    """SCALE_FLOOR times the mean initial scale (LEGACY_FLOOR when there is none)."""
+    if not scales:
+        return LEGACY_FLOOR
+    mean = torch.cat([p.detach().abs().flatten() for p in scales]).mean()
+    return max(SCALE_FLOOR * float(mean), LEGACY_FLOOR)
+
+
+def keep_scales_positive(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """After every `optimizer.step()`, project the quantizers' scales of `model` onto [floor, inf).
+
+    Returns the hook handle (`.remove()` undoes it).
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and m.scales()]
+
+    def project(*_):
+        for q in quantizers:
+            q.project_()
+
+    return optimizer.register_step_post_hook(project)

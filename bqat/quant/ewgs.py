@@ -24,7 +24,7 @@ class EWGS(LSQ):
         self.delta = float(delta)
 
     def fake_quant(self, x):
-        step = self.step.reshape(self.param_shape(x))
+        step = self.bounded(self.step).reshape(self.param_shape(x))
         return ewgs_fake_quant(x, step, self.grad_factor(x), self.qn, self.qp, self.delta, core=self.core(EWGS_CORE))
 
     def extra_repr(self):

@@ -25,12 +25,15 @@ class LSQ(Quantizer):
         s = 2 * x.abs().mean(dim=self.reduce_dims(x)) / math.sqrt(self.qp)
         self.step.data.copy_(s.clamp_min(1e-8).reshape(self.step.shape))
 
+    def scales(self):
+        return [self.step]
+
     def grad_factor(self, x) -> float:
         """g = 1/sqrt(N * Qp) (LSQ sec. 2.2)."""
         return 1.0 / math.sqrt(self.group_size(x) * self.qp)
 
     def fake_quant(self, x):
-        step = self.step.reshape(self.param_shape(x))
+        step = self.bounded(self.step).reshape(self.param_shape(x))
         return lsq_fake_quant(x, step, self.grad_factor(x), self.qn, self.qp, core=self.core(LSQ_CORE))
 
     def scale_zero_point(self):

@@ -52,7 +52,7 @@ class LSQPlus(LSQ):
     def fake_quant(self, x):
         if self.kind == "weight":
             return super().fake_quant(x)
-        return lsqplus_fake_quant(x, self.step, self.offset, self.grad_factor(x), self.qn, self.qp, core=self.core(LSQPLUS))
+        return lsqplus_fake_quant(x, self.bounded(self.step), self.offset, self.grad_factor(x), self.qn, self.qp, core=self.core(LSQPLUS))
 
     def scale_zero_point(self):
         if self.kind == "weight":

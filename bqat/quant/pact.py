@@ -48,7 +48,10 @@ class PACT(DoReFa):
     def fake_quant(self, x):
         if self.kind == "weight":
             return super().fake_quant(x)
-        return pact_fake_quant(x, self.alpha, self.qp, self.signed, core=self.core(PACT_CORE))
+        return pact_fake_quant(x, self.bounded(self.alpha), self.qp, self.signed, core=self.core(PACT_CORE))
+
+    def scales(self):
+        return [self.alpha] if self.alpha is not None else []
 
     def scale_zero_point(self):
         if self.kind == "weight":

@@ -64,8 +64,14 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
 
 
-def layer_bits(name: str, bits_cfg, edges: tuple[str, str]) -> tuple[int, int] | None:
+def layer_bits(name: str, bits_cfg, edges: tuple[str, str], depthwise: bool = False) -> tuple[int, int] | None:
     """(weight bits, activation bits) of one layer, or None to keep it in float."""
+    # bits.depthwise (same | 2..8 | fp): a depthwise conv's output channel sees one input
+    # channel only, so an input channel its activation grid rounds to all zeros is lost
+    # for good (README, "Models and blocks"); a finer grid there keeps weak channels alive.
+    policy = str(bits_cfg.get("depthwise", "same"))
+    if depthwise and name not in edges and policy != "same":
+        return None if policy == "fp" else (int(policy), int(policy))
     if name in edges:
         policy = str(bits_cfg.first_last)
         if policy == "fp":
@@ -113,7 +119,7 @@ def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
     by_policy: set[str] = set()  # layers the first/last policy keeps float on purpose
 
     def make(name, m):
-        bits = layer_bits(name, bits_cfg, edges)
+        bits = layer_bits(name, bits_cfg, edges, depthwise=is_depthwise(m))
         if bits is None:
             by_policy.add(name)
             return None
@@ -125,3 +131,22 @@ def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
     swap_modules(twin, make)
     report_float_layers(twin, by_policy)
     return twin
+
+
+def set_bn_eps(twin: nn.Module, eps: float | None) -> int:
+    """Set the eps of every BatchNorm of the twin (`twin.bn_eps`; None keeps the partner's).
+
+    A low-bit activation grid can round a channel to all zeros; after a depthwise conv that
+    channel reaches its BatchNorm with zero batch variance, and batch-statistics BatchNorm
+    multiplies its gradient by gamma / sqrt(eps): 316 at PyTorch's 1e-5, 32 at 1e-3 (the
+    TensorFlow / Keras default, which the MobileNet and EfficientNet recipes use). Channels
+    with a real variance (>> eps) hardly change. Returns how many layers were changed.
+    """
+    if eps is None:
+        return 0
+    if not eps > 0:
+        raise UserError(f"twin.bn_eps must be > 0 or null, got {eps!r}")
+    layers = [m for m in twin.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.eps = float(eps)
+    return len(layers)
