@@ -40,6 +40,9 @@ def validate(cfg: DictConfig) -> None:
     _check_bits(cfg.bits.a, "bits.a")
     _check_bits(cfg.bits.first_last, "bits.first_last", allow=("fp", "same"))
     _check_bits(cfg.bits.get("depthwise", "same"), "bits.depthwise", allow=("fp", "same"))
+    per_channel = cfg.quant.get("per_channel", False)
+    if not isinstance(per_channel, bool) and per_channel != "auto":
+        raise UserError(f"quant.per_channel must be true, false or auto, got {per_channel!r}")
     clip = cfg.trainer.get("clip_grad")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise UserError(f"trainer.clip_grad must be a positive number or null, got {clip!r}")

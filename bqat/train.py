@@ -35,6 +35,7 @@ from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
 from bqat.quant import Quantizer, keep_scales_positive, make_twin, set_bn_eps
+from bqat.quant.twin import weights_per_channel
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
 from bqat.resume import RunCheckpoint, prepare_run_dir
@@ -144,6 +145,7 @@ def train(cfg: DictConfig) -> dict:
         "schedule": cfg.schedule.name,
         "bits_w": int(cfg.bits.w),
         "bits_a": int(cfg.bits.a),
+        "per_channel": weights_per_channel(cfg.quant.get("per_channel", False), partner),
         "first_last": str(cfg.bits.first_last),
         "resumed_from_epoch": resumed_from,
         "world_size": dist.world_size(),

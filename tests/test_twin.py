@@ -107,3 +107,25 @@ def test_quant_none_is_a_float_copy(fp):
     x = torch.randn(2, 3, 32, 32)
     fp.eval(), twin.eval()
     assert torch.equal(twin(x), fp(x))
+
+
+def test_per_channel_auto_means_per_channel_weights_only_in_depthwise_networks(fp):
+    """quant.per_channel=auto: every weight step per output channel in a network with depthwise
+    convs (MobileNetV2), one step per tensor in a ResNet; other values are refused in one line."""
+    from bqat.errors import UserError
+    from bqat.quant.twin import weights_per_channel
+
+    torch.manual_seed(0)
+    mbv2 = timm.create_model("mobilenetv2_035", num_classes=10)
+    twin = make_twin(mbv2, *cfgs(per_channel="auto"))
+    twin(torch.randn(2, 3, 32, 32))
+    edges = first_last_names(twin)
+    for name, m in qlayers(twin).items():
+        if name not in edges:
+            assert m.weight_quantizer.step.numel() == m.weight.shape[0] > 1, name
+    resnet_twin = make_twin(fp, *cfgs(per_channel="auto"))
+    resnet_twin(torch.randn(2, 3, 32, 32))
+    assert all(m.weight_quantizer.step.numel() == 1 for m in qlayers(resnet_twin).values())
+    assert weights_per_channel(True, fp) and not weights_per_channel(False, mbv2)
+    with pytest.raises(UserError, match="quant.per_channel must be true, false or auto"):
+        weights_per_channel("sometimes", fp)
