@@ -10,7 +10,8 @@ Everything is measured in one process on the same inputs, one model pair:
   fq_ms                  bqat's LSQ activation fake-quant, forward + backward, on a
                          128x64x16x16 tensor (compiled with --compile, as trainer.compile runs it)
   torch_fq_ms            torch._fake_quantize_learnable_per_tensor_affine on the same tensor
-  fq_by_quantizer_ms     the same for every quantizer in the registry, built as Q(bits, "act")
+  fq_by_quantizer_ms     the same for every quantizer in the registry, built as Q(bits, "act"),
+                         with its own compiled core (quant.compile=true) under --compile
 
 A step is zero_grad + forward + loss + backward + SGD update. Cases are interleaved
 (each repeat times every case once, in rotating order) and medians are reported, so load
@@ -164,11 +165,14 @@ class Bench:
         return step
 
     # --- fake quantization ---
-    def quantizer_fq(self, cls):
-        q = cls(self.args.bits, "act").to(self.device)
+    def quantizer_fq(self, cls, core_compile: bool = False):
+        """Forward+backward of one activation quantizer. With --compile: the whole module under
+        torch.compile (as inside trainer.compile's block graphs), or with `core_compile` the
+        quantizer's own compiled core (quant.compile=true)."""
+        q = cls(self.args.bits, "act", compile=core_compile and self.args.compile).to(self.device)
         with torch.no_grad():
             q(self.act.detach())  # initialise on the tensor it will quantize
-        run = torch.compile(q, backend=self.args.backend, dynamic=False) if self.args.compile else q
+        run = torch.compile(q, backend=self.args.backend, dynamic=False) if self.args.compile and not core_compile else q
 
         def fq():
             self.act.grad = None
@@ -230,8 +234,8 @@ def main(argv=None) -> dict:
         cases["lsq_eager"] = bench.twin_step("none", runners=bench.eager_runners)
     if bench.whole_twin is not None:
         cases["lsq_whole_twin"] = whole_twin_step(bench)
-    for name, cls in QUANTIZERS.items():
-        cases[f"fq/{name}"] = bench.quantizer_fq(cls)
+    for name, cls in QUANTIZERS.items():  # each quantizer as quant.compile=true runs it
+        cases[f"fq/{name}"] = bench.quantizer_fq(cls, core_compile=True)
     fq_inner = 5  # fake-quant calls per timed sample (each is a few ms)
 
     def timed(name, fn):
