@@ -24,7 +24,7 @@ import torchvision.transforms as T
 
 from bqat.data import Data, register_dataset
 from bqat.datasets.files import FitSize, check_memory, find_split, fit_size, list_images, load_split, fixed_shuffle, read_rgb_pil
-from bqat.datasets.loaders import ImageDataset, StreamLoader, memory_loaders, stream_workers
+from bqat.datasets.loaders import ImageDataset, StreamLoader, memory_loaders, stream_pair
 from bqat.errors import UserError
 
 log = logging.getLogger("bqat")
@@ -186,11 +186,7 @@ def stream_loaders(splits: dict, cfg, size: int, seed, rank, world_size, device)
             return ImageDataset(torch.as_tensor(entry[1]), transform, pixels=entry[0])
         return ImageDataset(entry.labels, transform, paths=entry.paths, read=read_rgb_pil)
 
-    pin = torch.device(device or "cpu").type == "cuda"
-    common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=stream_workers(cfg), pin_memory=pin)
-    train = StreamLoader(dataset("train", train_tf), cfg.batch_size, shuffle=True, drop_last=True, **common)
-    val = StreamLoader(dataset("test", val_tf), cfg.batch_size, **common)
-    return train, val
+    return stream_pair(dataset("train", train_tf), dataset("test", val_tf), cfg=cfg, seed=seed, rank=rank, world_size=world_size, device=device)
 
 
 @register_dataset("cifar10")

@@ -15,12 +15,11 @@ import os
 from pathlib import Path
 
 import timm.data
-import torch
 from omegaconf import OmegaConf
 
 from bqat.data import Data, register_dataset
 from bqat.datasets.files import check_memory, find_split, list_images, load_split, fixed_shuffle, read_rgb_pil
-from bqat.datasets.loaders import ImageDataset, StreamLoader, memory_loaders, stream_workers
+from bqat.datasets.loaders import ImageDataset, StreamLoader, memory_loaders, stream_pair
 from bqat.errors import UserError
 
 
@@ -56,12 +55,9 @@ def stream_loaders(train, val, cfg, size, seed, rank, world_size, device) -> tup
     extra = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else {}
     train_tf = timm.data.create_transform(size, is_training=True, **common_tf, **extra)
     val_tf = timm.data.create_transform(size, is_training=False, crop_pct=cfg.crop_pct, **common_tf)
-    pin = torch.device(device or "cpu").type == "cuda"
-    common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=stream_workers(cfg), pin_memory=pin)
-    train_loader = StreamLoader(ImageDataset(train.labels, train_tf, paths=train.paths, read=read_rgb_pil), cfg.batch_size,
-                                shuffle=True, drop_last=True, **common)
-    val_loader = StreamLoader(ImageDataset(val.labels, val_tf, paths=val.paths, read=read_rgb_pil), cfg.batch_size, **common)
-    return train_loader, val_loader
+    return stream_pair(ImageDataset(train.labels, train_tf, paths=train.paths, read=read_rgb_pil),
+                       ImageDataset(val.labels, val_tf, paths=val.paths, read=read_rgb_pil),
+                       cfg=cfg, seed=seed, rank=rank, world_size=world_size, device=device)
 
 
 @register_dataset("imagenet")

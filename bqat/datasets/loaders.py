@@ -77,6 +77,15 @@ class ShardSampler(Sampler):
         return (self.n + self.world_size - 1 - self.rank) // self.world_size
 
 
+def stream_pair(train: Dataset, val: Dataset, *, cfg, seed, rank, world_size, device) -> tuple["StreamLoader", "StreamLoader"]:
+    """Train (shuffled, last partial batch dropped) and val StreamLoaders at `cfg.batch_size`,
+    with `cfg.num_workers` workers and pinned memory when training on CUDA."""
+    pin = torch.device(device or "cpu").type == "cuda"
+    common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=stream_workers(cfg), pin_memory=pin)
+    return (StreamLoader(train, cfg.batch_size, shuffle=True, drop_last=True, **common),
+            StreamLoader(val, cfg.batch_size, **common))
+
+
 def stream_workers(cfg) -> int:
     """data.num_workers, capped at the cores this process may use: more only adds contention."""
     return min(int(cfg.num_workers), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
