@@ -29,5 +29,8 @@ def run_cli(args, cwd, timeout=600, env_extra=None, module="bqat.train"):
     """Run the entry point in a subprocess (as a user would); returns CompletedProcess."""
     import subprocess
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    # The tree under test comes first, whatever cwd is: a git worktree beside the clone that
+    # installed the venv (editable) still tests its own code.
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
