@@ -40,6 +40,9 @@ def validate(cfg: DictConfig) -> None:
     _check_bits(cfg.bits.a, "bits.a")
     _check_bits(cfg.bits.first_last, "bits.first_last", allow=("fp", "same"))
     _check_bits(cfg.bits.get("depthwise", "same"), "bits.depthwise", allow=("fp", "same"))
+    residual = cfg.get("twin", {}).get("residual_bits")
+    if residual is not None:
+        _check_bits(residual, "twin.residual_bits")
     per_channel = cfg.quant.get("per_channel", False)
     if not isinstance(per_channel, bool) and per_channel != "auto":
         raise UserError(f"quant.per_channel must be true, false or auto, got {per_channel!r}")

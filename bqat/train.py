@@ -34,7 +34,7 @@ from bqat.launch import show_sweep_config
 from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
-from bqat.quant import Quantizer, keep_scales_positive, make_twin, set_bn_eps
+from bqat.quant import Quantizer, add_residual_quantizers, keep_scales_positive, make_twin, set_bn_eps
 from bqat.quant.twin import weights_per_channel
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
@@ -93,6 +93,8 @@ def train(cfg: DictConfig) -> dict:
     set_bn_eps(twin, cfg.twin.bn_eps)
     if distributed and cfg.trainer.get("sync_bn", True):
         twin = dist.convert_sync_batchnorm(twin, device)
+    # After the SyncBatchNorm swap: the quantizer hooks onto the module that stays.
+    add_residual_quantizers(twin, cfg.quant, cfg.twin.get("residual_bits"))
     hybrid = accel.prepare(BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed))
     optimizer = hydra.utils.instantiate(cfg.optim.optimizer)(hybrid.twin)
     keep_scales_positive(optimizer, hybrid.twin)  # step sizes stay >= their floor (bqat.quant.base)
@@ -163,6 +165,7 @@ def train(cfg: DictConfig) -> dict:
         # Stability recipe of low-bit depthwise twins (README, "Models and blocks").
         "depthwise": str(cfg.bits.get("depthwise", "same")),
         "twin_bn_eps": cfg.twin.bn_eps,
+        "twin_residual_bits": cfg.twin.get("residual_bits"),
         "clip_grad": cfg.trainer.get("clip_grad"),
     }
     if is_main:

@@ -19,17 +19,20 @@ from torch import nn
 import bqat.config  # noqa: F401  (the run-name resolver)
 from bqat.data import build_data
 from bqat.errors import UserError
-from bqat.export import onnx_qdq
+from bqat.export import kernels, onnx_qdq
 from bqat.export.cli import main
 from bqat.export.fixed import FixedQuantizer
+from bqat.export.onnx_qdq import used_taps
 from bqat.export.pack import pack_codes, unpack_codes
 from bqat.export.run import export_run
 from bqat.export.weights import load_packed_twin, pack_twin, quantized_layers
 from bqat.models import build_model
-from bqat.quant import QConv2d, make_twin
+from bqat.quant import QConv2d, make_twin, twin_from_config
 from conftest import CONF, ROOT, run_cli
 
-REPORT_KEYS = {"torch_top1", "onnx_top1", "agreement", "max_abs_logit_diff", "fp32_bytes", "packed_bytes"}
+REPORT_KEYS = {"torch_top1", "onnx_top1", "agreement", "max_abs_logit_diff", "fp32_bytes", "packed_bytes", "integer_ops",
+               "quantized_ops", "float_ops", "float_layers", "latency_ms", "speedup", "latency_settings", "folded_bn"}
+FOLD_TOLERANCE = 1e-4  # folded vs trained twin, max |logit difference| (README, "Exporting a run")
 
 
 # --- bit-packing -------------------------------------------------------------------------
@@ -70,7 +73,7 @@ def make_run(run_dir, *overrides):
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
-    twin = make_twin(fp, cfg.quant, cfg.bits).train()
+    twin = twin_from_config(fp, cfg).train()
     with torch.no_grad():  # quantizer initialisation and BatchNorm statistics, as training starts
         for _, (x, _) in zip(range(2), data.train):
             twin(x)
@@ -86,21 +89,35 @@ def make_run(run_dir, *overrides):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    twin, data = make_run(run_dir)  # resnet20, LSQ, W2A2, first/last at 8 bits
-    main([str(run_dir), "--limit-val-batches", "1"])
+    twin, data = make_run(run_dir, "data.image_size=8")  # resnet20, LSQ, W2A2, first/last at 8 bits
+    main([str(run_dir), "--limit-val-batches", "1", "--latency-runs", "2", "--threads", "1"])
     x, _ = next(iter(data.val))
     return run_dir, twin, x[:16]
+
+
+@pytest.fixture(scope="module")
+def residual_run(tmp_path_factory):
+    """resnet20 trained with twin.residual_bits=8 (8x8 digits), exported without latency."""
+    run_dir = tmp_path_factory.mktemp("export") / "residual"
+    twin, data = make_run(run_dir, "twin.residual_bits=8", "data.image_size=8")
+    report = export_run(run_dir, limit_val_batches=1, latency_runs=0)
+    x, _ = next(iter(data.val))
+    return run_dir, twin, x, report
 
 
 def test_export_writes_the_files_and_the_report(run):
     run_dir, twin, _ = run
     out = run_dir / "export"
-    assert {p.name for p in out.iterdir()} >= {"weights.safetensors", "model.onnx", "config.yaml", "report.json"}
+    assert {p.name for p in out.iterdir()} >= {"weights.safetensors", "model.onnx", "model_fp32.onnx", "model.optimized.onnx",
+                                               "config.yaml", "report.json"}
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report)
-    assert report["agreement"] >= 0.999 and report["onnx_top1"] == pytest.approx(report["torch_top1"], abs=2)
-    assert report["max_abs_logit_diff"] < 1.0 and report["rebuilt_max_abs_logit_diff"] == 0.0
+    # An untrained twin's logits are nearly tied: the int32 bias rounding flips some (README). Trained
+    # twins are the place for the agreement >= 0.999 check; here the graph is checked against its view.
+    assert 0 <= report["agreement"] <= 1 and report["max_abs_logit_diff"] < 5
+    assert report["rebuilt_max_abs_logit_diff"] <= FOLD_TOLERANCE  # BatchNorm folded: equal to float rounding
     assert report["val_images"] == 64  # one batch
+    assert report["fold_bn"] is True and report["folded_bn"] == 19 and report["batchnorm_left"] == 0
 
     fp_state = build_model(OmegaConf.load(out / "config.yaml").model, 10).state_dict()
     assert report["fp32_bytes"] == sum(v.numel() * v.element_size() for v in fp_state.values())
@@ -108,6 +125,16 @@ def test_export_writes_the_files_and_the_report(run):
         stored = {k: f.get_tensor(k) for k in f.keys()}
     assert report["packed_bytes"] == sum(v.numel() * v.element_size() for v in stored.values())
     assert report["fp32_bytes"] / report["packed_bytes"] >= 10
+
+
+def test_report_holds_latency_of_both_graphs(run):
+    report = json.loads((run[0] / "export" / "report.json").read_text())
+    assert set(report["latency_ms"]) == {"fp32", "integer"}
+    for graph in ("fp32", "integer"):
+        assert set(report["latency_ms"][graph]) == {"1", "32"} and all(v > 0 for v in report["latency_ms"][graph].values())
+    for batch, speedup in report["speedup"].items():
+        assert speedup == pytest.approx(report["latency_ms"]["fp32"][batch] / report["latency_ms"]["integer"][batch], rel=1e-2)
+    assert report["latency_settings"]["threads"] == 1 and report["latency_settings"]["runs"] == 2
 
 
 def test_packed_codes_are_the_twins_grid(run):
@@ -124,61 +151,134 @@ def test_packed_codes_are_the_twins_grid(run):
         assert stored[f"{name}.weight.codes"].numel() == math.ceil(count * w["bits"] / 8)
         codes = unpack_codes(stored[f"{name}.weight.codes"], w["bits"], w["qn"], count).reshape(layer.weight.shape)
         assert w["qn"] <= codes.min() and codes.max() <= w["qp"]
-        scale, zero_point = stored[f"{name}.weight.scale"], stored[f"{name}.weight.zero_point"]
-        with torch.no_grad():
-            assert torch.equal((codes.float() - zero_point) * scale, layer.weight_quantizer(layer.weight))
+        with torch.no_grad():  # the twin's own codes
+            assert torch.equal(codes.float() * layer.weight_quantizer.step, layer.weight_quantizer(layer.weight))
+        if name == "fc":  # no BatchNorm after it: the twin's own per-tensor step
+            assert stored["fc.weight.scale"] == layer.weight_quantizer.step and "fc.bias" in stored
+        else:  # folded: the step times gamma / sqrt(var + eps), per output channel
+            bn = twin.get_submodule(spec["folded_bn"])
+            alpha = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            expected = (layer.weight_quantizer.step.detach().double() * alpha).float()
+            assert torch.allclose(stored[f"{name}.weight.scale"], expected, rtol=1e-6, atol=0)
+            assert f"{spec['folded_bn']}.running_var" not in stored and f"{name}.bias" in stored
         assert stored[f"{name}.input.scale"] == layer.input_quantizer.step
         assert f"{name}.weight" not in stored  # no float copy of a quantized weight
-    assert "layer1.0.bn1.running_var" in stored
 
 
-def test_rebuilt_twin_logits_equal_the_trained_twins(run):
+def test_folding_keeps_the_weight_codes(run):
+    """The same twin packed with and without folding: the same codes, the steps become per channel."""
+    _, twin, x = run
+    info = {"num_classes": 10, "in_chans": 3, "input_size": list(x.shape[1:])}
+    folded, meta_f = pack_twin(twin, x, info, fold_bn=True)
+    plain, meta_p = pack_twin(twin, x, info, fold_bn=False)
+    layout_f, layout_p = json.loads(meta_f["layers"]), json.loads(meta_p["layers"])
+    assert sum("folded_bn" in s for s in layout_f.values()) == 19 and not any("folded_bn" in s for s in layout_p.values())
+    for name in layout_p:
+        assert torch.equal(folded[f"{name}.weight.codes"], plain[f"{name}.weight.codes"])
+    assert plain["layer1.0.conv1.weight.scale"].shape == () and folded["layer1.0.conv1.weight.scale"].shape == (16,)
+    assert "layer1.0.bn1.weight" in plain and "layer1.0.bn1.weight" not in folded
+
+
+def test_rebuilt_twin_logits_match_the_trained_twins(run):
     run_dir, twin, x = run
     rebuilt = load_packed_twin(run_dir / "export" / "weights.safetensors")
     assert all(isinstance(m.input_quantizer, FixedQuantizer) for _, m in quantized_layers(rebuilt))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in rebuilt.modules())
     with torch.no_grad():
-        for batch in (x, 3 * x, torch.randn_like(x)):  # in range, clipped, signed
-            assert torch.equal(rebuilt(batch), twin(batch))
+        assert (rebuilt(x) - twin(x)).abs().max() <= FOLD_TOLERANCE
 
 
-def test_onnx_graph_has_one_qdq_pair_per_quantized_weight_and_input(run):
-    run_dir, twin, x = run
-    model = onnx.load(str(run_dir / "export" / "model.onnx"))
-    counts = onnx_qdq.op_counts(model)
-    layers = len(quantized_layers(twin))
-    assert layers == 20  # 19 convs + fc
-    assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 2 * layers
-    assert counts["Clip"] == layers  # one per activation: the low-bit grid inside the 8-bit container
-    producer = {out: node for node in model.graph.node for out in node.output}
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm"):
-            data, weight = (producer[name] for name in node.input[:2])
-            assert data.op_type == weight.op_type == "DequantizeLinear"
-            assert producer[data.input[0]].op_type == "QuantizeLinear"
-            assert producer[producer[data.input[0]].input[0]].op_type == "Clip"
-
-    # onnxruntime and PyTorch sum a convolution in different orders; an activation on an exact
-    # rounding tie can then take the neighbouring code, so an image may move by one code's effect.
-    sess = onnx_qdq.session(run_dir / "export" / "model.onnx")
-    with torch.no_grad():
-        for batch in (x, 3 * x):
-            ours, ref = onnx_qdq.run(sess, batch), twin(batch)
-            assert ((ours - ref).abs().amax(1) < 1e-4).float().mean() >= 0.9
-            assert (ours.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
-
-
-def test_per_channel_weights_and_float_edge_layers_export(tmp_path):
-    twin, data = make_run(tmp_path / "run", "quant.per_channel=true", "bits='3'", "bits.first_last=fp")
-    report = export_run(tmp_path / "run", limit_val_batches=1)
-    assert report["quantized_layers"] == report["qdq_pairs"] / 2 == 18  # conv1 and fc stay float
-    assert report["agreement"] >= 0.999 and report["rebuilt_max_abs_logit_diff"] == 0.0
+def test_unfolded_per_channel_export_is_bit_exact_and_keeps_batchnorm(tmp_path):
+    twin, data = make_run(tmp_path / "run", "quant.per_channel=true", "bits='3'", "bits.first_last=fp", "data.image_size=8")
+    report = export_run(tmp_path / "run", limit_val_batches=1, fold_bn=False, latency_runs=0)
+    assert report["quantized_layers"] == report["qdq_pairs"] == 18  # conv1 and fc stay float
+    assert report["folded_bn"] == 0 and report["batchnorm_left"] == 19 and report["rebuilt_max_abs_logit_diff"] == 0.0
+    # A BatchNorm between a conv and its output's quantizer keeps onnxruntime from fusing the conv.
+    assert report["integer_ops"] == 0 and "BatchNormalization" in report["float_layers"]["layer1.0.conv1"]
+    assert report["agreement"] >= 0.98  # all float in onnxruntime: only its summation order differs
     with safe_open(str(tmp_path / "run" / "export" / "weights.safetensors"), framework="pt") as f:
         assert f.get_tensor("layer2.0.conv1.weight.scale").shape == (32,)
         assert "conv1.weight" in f.keys() and "fc.weight" in f.keys() and "fc.bias" in f.keys()
     rebuilt = load_packed_twin(tmp_path / "run" / "export" / "weights.safetensors")
     x, _ = next(iter(data.val))
     with torch.no_grad():
-        assert torch.equal(rebuilt(x[:16]), twin(x[:16]))
+        assert torch.equal(rebuilt(x), twin(x))
+
+
+def test_onnx_graph_is_laid_out_for_integer_kernels(run):
+    run_dir, twin, x = run
+    model = onnx.load(str(run_dir / "export" / "model.onnx"))
+    float_layers = json.loads((run_dir / "export" / "report.json").read_text())["float_layers"]
+    counts = onnx_qdq.op_counts(model)
+    layers = len(quantized_layers(twin))
+    assert layers == 20  # 19 convs + fc
+    assert counts["QuantizeLinear"] == layers  # one per input activation
+    assert counts["DequantizeLinear"] == 3 * layers - len(float_layers)  # activation, int8 weight, int32 bias where it fuses
+    assert counts["Clip"] == layers - 2  # the 2-bit grids inside uint8; conv1's and fc's 8-bit grids fill it
+    assert "BatchNormalization" not in counts
+    producer = {out: node for node in model.graph.node for out in node.output}
+    constants = {t.name: t.data_type for t in model.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t.data_type for n in model.graph.node if n.op_type == "Constant"})
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            data, weight = producer[node.input[0]], producer[node.input[1]]
+            assert data.op_type == weight.op_type == "DequantizeLinear"
+            assert constants[weight.input[0]] == onnx.TensorProto.INT8
+            q = producer[data.input[0]]
+            q = producer[q.input[0]] if q.op_type == "Clip" else q
+            assert q.op_type == "QuantizeLinear" and constants[q.input[2]] == onnx.TensorProto.UINT8
+            if kernels._layer_name(node.name) in float_layers:  # runs in float: the exact float bias
+                assert constants[node.input[2]] == onnx.TensorProto.FLOAT
+            else:
+                bias = producer[node.input[2]]
+                assert bias.op_type == "DequantizeLinear" and constants[bias.input[0]] == onnx.TensorProto.INT32
+
+    # The graph computes what its PyTorch view computes; the view is the rebuilt twin but for the
+    # int32 bias of the fused layers (with float biases it is the twin, exactly).
+    sess = onnx_qdq.session(run_dir / "export" / "model.onnx")
+    rebuilt = load_packed_twin(run_dir / "export" / "weights.safetensors")
+    view = onnx_qdq.integer_view(rebuilt, x[:1], float_bias=set(float_layers))
+    with torch.no_grad():
+        assert torch.equal(onnx_qdq.integer_view(rebuilt, x[:1], float_bias=True)(x), rebuilt(x))
+        for batch in (x, 3 * x):
+            ours = onnx_qdq.run(sess, batch)
+            assert ((ours - view(batch)).abs().amax(1) < 1e-4).float().mean() >= 0.9  # onnxruntime's summation order at ties
+
+
+def test_onnxruntime_runs_the_quantized_layers_as_integer_ops(run, residual_run):
+    report = json.loads((run[0] / "export" / "report.json").read_text())
+    # The paper's twin: each block's second conv feeds the residual add in float, and the stem's
+    # output feeds the float shortcut; the other convs and fc become integer operators.
+    assert report["quantized_ops"] == 20 and report["integer_ops"] == 10
+    assert report["integer_op_types"] == {"QLinearConv": 9, "QGemm": 1}
+    assert set(report["float_layers"]) == {"conv1", *(f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3))}
+    assert "Add" in report["float_layers"]["layer1.0.conv2"]
+    assert sum(n for op, n in report["float_ops"].items() if "Conv" in op) == 10  # onnxruntime fuses the Add into them
+
+    # Trained with twin.residual_bits: every conv and the linear layer run on integers.
+    _, twin, x, residual = residual_run
+    assert residual["quantized_ops"] == residual["integer_ops"] == 20 and residual["float_layers"] == {}
+    assert residual["integer_op_types"] == {"QLinearConv": 19, "QGemm": 1}
+    assert residual["float_ops"].get("Add", 0) <= 2  # the two option-A (slice + pad) shortcuts
+    assert residual["twin_residual_bits"] == 8 and residual["rebuilt_max_abs_logit_diff"] <= FOLD_TOLERANCE
+    optimized = onnx.load(str(residual_run[0] / "export" / "model.optimized.onnx"))
+    assert onnx_qdq.op_counts(optimized)["QLinearAdd"] >= 7
+
+
+def test_used_taps_drop_what_only_reads_padding():
+    assert used_taps(1, 3, 1, 1, 1) == (1, 1)  # 3x3 on 1x1: the centre
+    assert used_taps(2, 3, 2, 1, 1) == (1, 2)  # stride 2 on 2x2: the lower-right 2x2
+    assert used_taps(2, 3, 1, 1, 1) is None  # every tap reads a pixel for some output
+    assert used_taps(8, 3, 1, 1, 1) is None
+    w_grid = FixedQuantizer(2, "weight", -2, 1, torch.tensor(0.1), torch.tensor(0.0))
+    a_grid = FixedQuantizer(2, "act", 0, 3, torch.tensor(0.5), torch.tensor(0.0))
+    conv = QConv2d.from_float(nn.Conv2d(4, 4, 3, padding=1), w_grid, a_grid)
+    conv.weight.data = w_grid.dequantize(torch.randint(-2, 2, conv.weight.shape, generator=torch.Generator().manual_seed(0)))
+    x = torch.rand(2, 4, 1, 1)
+    with torch.no_grad():
+        cropped, full = onnx_qdq.IntegerLayer(conv, (1, 1)), onnx_qdq.IntegerLayer(conv)
+        assert cropped.weight_codes.shape == (4, 4, 1, 1) and full.weight_codes.shape == (4, 4, 3, 3)
+        assert torch.allclose(cropped(x), full(x), atol=1e-6, rtol=0)
 
 
 def test_zero_points_export_to_matching_qdq(tmp_path):
@@ -191,11 +291,14 @@ def test_zero_points_export_to_matching_qdq(tmp_path):
         model = nn.Sequential(QConv2d.from_float(conv, w_grid, a_grid), nn.Flatten()).eval()
         model[0].weight.data = w_grid.dequantize(codes)
         path = tmp_path / f"zp{zp}.onnx"
-        counts = onnx_qdq.op_counts(onnx_qdq.export_onnx(model, path, torch.randn(1, 3, 6, 6)))
-        assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 2
+        view = onnx_qdq.integer_view(model)
+        counts = onnx_qdq.op_counts(onnx_qdq.export_onnx(view, path, torch.randn(1, 3, 6, 6)))
+        assert counts["QuantizeLinear"] == 1 and counts["DequantizeLinear"] == (3 if zp == 2.0 else 2)  # int32 bias needs an integer zero point
         x = 2 * torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            assert torch.allclose(onnx_qdq.run(onnx_qdq.session(path), x), model(x), atol=1e-5, rtol=0)
+            assert torch.allclose(onnx_qdq.run(onnx_qdq.session(path), x), view(x), atol=1e-5, rtol=0)
+            # Only the bias, rounded to the accumulator grid, separates the graph from the twin.
+            assert torch.allclose(view(x), model(x), atol=0.5 * 0.4 * 0.3 / 2**6 + 1e-6, rtol=0)
             assert torch.equal(a_grid.codes(x).unique(), torch.arange(qn, qp + 1.0))
 
 

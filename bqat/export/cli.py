@@ -12,6 +12,8 @@ from rich.table import Table
 from bqat.errors import UserError
 from bqat.export.rundir import checkpoint_path
 
+DEFAULT_RUNS = 50  # bqat.export.latency.DEFAULT_RUNS, repeated here so `--help` needs no torch
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -21,6 +23,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last", help="which checkpoint to export (default: last)")
     parser.add_argument("--opset", type=int, default=13, help="ONNX opset, 13 or later (default: 13)")
     parser.add_argument("--limit-val-batches", type=int, default=None, help="check the export on this many validation batches (default: all)")
+    parser.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+                        help="fold each BatchNorm that follows a quantized conv into its per-channel weight scales and bias "
+                             "(default); --no-fold-bn keeps BatchNorm as a float op after the conv")
+    parser.add_argument("--latency-runs", type=int, default=DEFAULT_RUNS,
+                        help=f"time fp32 and integer ONNX this many rounds per batch size (1, 32) and report medians; 0 skips (default: {DEFAULT_RUNS})")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads for the latency (default: the cores this process may use)")
     return parser.parse_args(argv)
 
 
@@ -35,9 +43,17 @@ def print_report(report: dict, out: Path, console: Console | None = None) -> Non
     table.add_row("max |logit diff|, ONNX vs twin", f"{report['max_abs_logit_diff']:.2e}")
     table.add_row("max |logit diff|, rebuilt vs twin", f"{report['rebuilt_max_abs_logit_diff']:.2e}")
     table.add_row("fp32 / packed bytes", f"{report['fp32_bytes']} / {report['packed_bytes']} = {report['compression']:.1f}x")
-    table.add_row("QDQ pairs (quantized layers)", f"{report['qdq_pairs']} ({report['quantized_layers']})")
+    table.add_row("BatchNorm folded / left", f"{report['folded_bn']} / {report['batchnorm_left']}")
+    table.add_row("integer ops in onnxruntime (quantized layers)", f"{report['integer_ops']} ({report['quantized_ops']})")
+    for batch, ms in report.get("latency_ms", {}).get("integer", {}).items():
+        fp = report["latency_ms"]["fp32"][batch]
+        table.add_row(f"latency ms, batch {batch}: fp32 / integer", f"{fp:.3f} / {ms:.3f} = {fp / ms:.2f}x")
     console.print(table)
-    console.print(f"written: {out}/{{weights.safetensors, model.onnx, config.yaml, report.json}}")
+    if report.get("latency_settings"):
+        console.print(f"latency: median of {report['latency_settings']['runs']} runs, {report['latency_settings']['threads']} threads")
+    for layer, why in report["float_layers"].items():
+        console.print(f"float in onnxruntime: {layer}: {why}")
+    console.print(f"written: {out}/{{weights.safetensors, model.onnx, model_fp32.onnx, model.optimized.onnx, config.yaml, report.json}}")
 
 
 def main(argv=None) -> None:
@@ -48,12 +64,17 @@ def main(argv=None) -> None:
             raise UserError(f"--opset must be 13 or later (per-channel QuantizeLinear), got {args.opset}")
         if args.limit_val_batches is not None and args.limit_val_batches < 1:
             raise UserError(f"--limit-val-batches must be a positive number of batches, got {args.limit_val_batches}")
+        if args.latency_runs < 0:
+            raise UserError(f"--latency-runs must be 0 (skip) or a positive number of runs, got {args.latency_runs}")
+        if args.threads is not None and args.threads < 1:
+            raise UserError(f"--threads must be a positive number of threads, got {args.threads}")
         checkpoint_path(args.run_dir, args.checkpoint)  # a wrong path fails here, before torch loads
         try:
             from bqat.export.run import export_run
         except ImportError as err:
             raise UserError(f"bqat-export needs the [export] extra ({err.name} is not installed): pip install -e '.[export]'") from None
-        report = export_run(args.run_dir, args.checkpoint, args.opset, args.limit_val_batches)
+        report = export_run(args.run_dir, args.checkpoint, args.opset, args.limit_val_batches, fold_bn=args.fold_bn,
+                            latency_runs=args.latency_runs, threads=args.threads)
     except UserError as err:
         print(f"bqat-export: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -3,8 +3,10 @@
 Every bqat quantizer reports its grid through `scale_zero_point()` (codes in [qn, qp]);
 once training is over, that grid is all inference needs, whatever rule (LSQ, LSQ+, PACT,
 DoReFa, EWGS) learned it. `FixedQuantizer` computes the grid with plain tensor ops (for
-LSQ this is bit-exact: round and clamp commute on an integer range) and, inside
-`torch.onnx.export`, as Clip + QuantizeLinear/DequantizeLinear in an int8/uint8 container.
+LSQ this is bit-exact: round and clamp commute on an integer range).
+
+Inside `torch.onnx.export` an activation grid becomes QuantizeLinear -> Clip -> DequantizeLinear
+in a uint8 container (qdq_ops); weights are exported by `onnx_qdq`'s integer layers.
 
 `freeze` reads a trained quantizer and `check_on_grid` verifies that what it actually
 outputs lies on the grid it reports, so a quantizer that breaks the contract stops the
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from bqat.errors import UserError
+from bqat.export.qdq_ops import QuantizeDequantize
 from bqat.quant.base import Quantizer
 
 # Outputs further than this many steps from the reported grid break the contract.
@@ -74,40 +77,36 @@ class FixedQuantizer(Quantizer):
         return (codes.float() - z) * s
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
+        if torch.onnx.is_in_onnx_export() and self.kind == "act":
             return self._qdq(x)
         return self.dequantize(self.codes(x))
 
-    def container(self) -> tuple[int, int]:
-        """The 8-bit ONNX type holding the codes: int8 for a signed grid, uint8 otherwise."""
-        return (-128, 127) if self.qn < 0 else (0, 255)
+    def uint8_container(self) -> tuple[int, int, float]:
+        """How this activation grid sits in a uint8 ONNX tensor: (zero point, highest code, shift).
+
+        A code c in [qn, qp] is stored as u = c - qn, so signed and unsigned grids alike are
+        uint8 (what onnxruntime's integer convs take on x86), with zero point round(z) - qn.
+        A zero point that is not an integer leaves its fraction as a float shift of the input
+        (x + shift on the container's grid, minus shift after it).
+        """
+        s, z = float(self.scale), float(self.zero_point)
+        z_int = round(z) if abs(z - round(z)) < 1e-6 else 0
+        zu = z_int - self.qn
+        if not 0 <= zu <= 255:  # cannot happen for an 8-bit grid with its zero point in range
+            z_int, zu = 0, -self.qn
+        return zu, self.qp - self.qn, (z - z_int) * s
 
     def _qdq(self, x: torch.Tensor) -> torch.Tensor:
-        """The same grid as QuantizeLinear/DequantizeLinear (what torch.onnx exports these ops to).
+        """The same grid as QuantizeLinear -> Clip(uint8) -> DequantizeLinear (qdq_ops).
 
-        The container is wider than the grid, so activations are first clipped to the
-        grid's range [scale*(qn-zp), scale*(qp-zp)]: the Clip node carries the low-bit grid.
-        Weights are stored on the grid already and need no clip. A zero point that is not
-        an integer (or does not fit the container) becomes a float shift around the pair.
-        The grid's numbers are read as Python values here, so they enter the graph as
-        constants rather than as ops on buffers.
+        The grid's numbers are read as Python values, so they enter the graph as constants
+        rather than as ops on buffers.
         """
-        lo, hi = self.container()
-        zps = self.zero_point.reshape(-1).tolist()
-        native = all(v == round(v) and lo <= v <= hi for v in zps)
-        if self.kind == "act":
-            s, z = float(self.scale), zps[0]
-            x = torch.clamp(x, (self.qn - z) * s, (self.qp - z) * s)
-        shift = None
-        if not native:
-            shift = torch.tensor((self.zero_point * self.scale).tolist()).reshape(self.param_shape(x))
-            x = x + shift
-        zp = torch.tensor([int(round(v)) if native else 0 for v in zps], dtype=torch.int32)
-        if self.per_channel:
-            y = torch.fake_quantize_per_channel_affine(x, self.scale, zp, 0, lo, hi)
-        else:
-            y = torch.fake_quantize_per_tensor_affine(x, self.scale, zp.reshape(()), lo, hi)
-        return y if shift is None else y - shift
+        zu, hi, shift = self.uint8_container()
+        scale = torch.tensor(float(self.scale))
+        y = x + shift if shift else x
+        y = QuantizeDequantize.apply(y, scale, torch.tensor(zu, dtype=torch.uint8), 0, hi)
+        return y - shift if shift else y
 
 
 def freeze(quantizer: Quantizer | None, where: str) -> FixedQuantizer | None:

@@ -1,8 +1,11 @@
-"""Export one finished run: RUN_DIR -> RUN_DIR/export/{weights.safetensors, model.onnx, config.yaml, report.json}.
+"""Export one finished run: RUN_DIR -> RUN_DIR/export/{weights.safetensors, model.onnx,
+model_fp32.onnx, model.optimized.onnx, config.yaml, report.json}.
 
-The twin comes from the run's checkpoint exactly as training left it; the packed file and
-the ONNX graph are both built from the twin *rebuilt from the packed file*, so the report
-checks the whole chain against the PyTorch fake-quant twin on the validation set.
+The twin comes from the run's checkpoint exactly as training built it (twin_from_config:
+its BatchNorm eps, its residual grids); the packed file and both ONNX graphs are built from
+the twin *rebuilt from the packed file* (BatchNorm folded by default), so the report checks
+the whole chain against the PyTorch fake-quant twin on the validation set, says which of
+its layers onnxruntime runs as integer operators (kernels.py) and how fast (latency.py).
 """
 
 from __future__ import annotations
@@ -12,15 +15,16 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from bqat.data import build_data
 from bqat.engine import load_checkpoint
 from bqat.errors import UserError
-from bqat.export import onnx_qdq
+from bqat.export import kernels, latency, onnx_qdq
 from bqat.export.rundir import checkpoint_path
 from bqat.export.weights import load_packed_twin, pack_twin, packed_bytes, quantized_layers, save_packed
 from bqat.models import build_model
-from bqat.quant import make_twin
+from bqat.quant import twin_from_config
 
 
 def read_checkpoint(ckpt_path: Path) -> tuple[dict, DictConfig]:
@@ -70,14 +74,18 @@ def compare(twin, rebuilt, sess, loader, limit=None) -> dict:
     }
 
 
-def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_qdq.DEFAULT_OPSET, limit_val_batches: int | None = None) -> dict:
-    """Write RUN_DIR/export/ and return the report (also written as report.json)."""
+def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_qdq.DEFAULT_OPSET, limit_val_batches: int | None = None,
+               fold_bn: bool = True, latency_runs: int = latency.DEFAULT_RUNS, threads: int | None = None) -> dict:
+    """Write RUN_DIR/export/ and return the report (also written as report.json).
+
+    `latency_runs=0` skips the latency measurement; `threads` defaults to the cores this
+    process may use."""
     run_dir = Path(run_dir)
     ckpt_path = checkpoint_path(run_dir, checkpoint)
     state, cfg = read_checkpoint(ckpt_path)
     data = build_data(cfg.data, seed=cfg.seed)
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
-    twin = make_twin(fp, cfg.quant, cfg.bits)
+    twin = twin_from_config(fp, cfg)
     try:
         twin.load_state_dict(state)
     except RuntimeError as err:
@@ -89,23 +97,34 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_
     out.mkdir(exist_ok=True)
     calib_x, _ = next(iter(data.val))
     info = {"num_classes": data.num_classes, "in_chans": data.input_size[0], "input_size": list(data.input_size)}
-    tensors, metadata = pack_twin(twin, calib_x, info)
+    tensors, metadata = pack_twin(twin, calib_x, info, fold_bn=fold_bn)
     save_packed(tensors, metadata, out / "weights.safetensors")
     OmegaConf.save(cfg, out / "config.yaml")
 
     rebuilt = load_packed_twin(out / "weights.safetensors")
-    model = onnx_qdq.export_onnx(rebuilt, out / "model.onnx", calib_x[:1], opset=opset)
-    counts = onnx_qdq.op_counts(model)
+    model = onnx_qdq.export_onnx(onnx_qdq.integer_view(rebuilt, calib_x[:1]), out / "model.onnx", calib_x[:1], opset=opset)
+    float_layers = kernels.float_layers(model)
+    if float_layers:  # the layers onnxruntime runs in float keep their exact bias (integer_view)
+        view = onnx_qdq.integer_view(rebuilt, calib_x[:1], float_bias=set(float_layers))
+        model = onnx_qdq.export_onnx(view, out / "model.onnx", calib_x[:1], opset=opset)
+    onnx_qdq.export_onnx(onnx_qdq.float_view(rebuilt), out / "model_fp32.onnx", calib_x[:1], opset=opset)
+    optimized = kernels.optimize(out / "model.onnx", out / "model.optimized.onnx")
 
     report = compare(twin, rebuilt, onnx_qdq.session(out / "model.onnx"), data.val, limit_val_batches)
+    layers = quantized_layers(twin)
     fp32, packed = fp32_bytes(twin), packed_bytes(tensors)
+    layout = json.loads(metadata["layers"])
     report.update({
         "fp32_bytes": fp32,
         "packed_bytes": packed,
         "compression": fp32 / packed,
-        "file_bytes": {name: (out / name).stat().st_size for name in ("weights.safetensors", "model.onnx")},
-        "quantized_layers": len(quantized_layers(twin)),
-        "qdq_pairs": min(counts["QuantizeLinear"], counts["DequantizeLinear"]),
+        "file_bytes": {name: (out / name).stat().st_size for name in ("weights.safetensors", "model.onnx", "model_fp32.onnx")},
+        "quantized_layers": len(layers),
+        "qdq_pairs": onnx_qdq.op_counts(model)["QuantizeLinear"],
+        "fold_bn": fold_bn,
+        "folded_bn": sum("folded_bn" in spec for spec in layout.values()),
+        "batchnorm_left": sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in rebuilt.modules()),
+        **kernels.summarize(optimized, float_layers, sum(m.weight_quantizer is not None and m.input_quantizer is not None for _, m in layers)),
         "opset": opset,
         "checkpoint": str(ckpt_path.relative_to(run_dir)),
         "model": cfg.model.name,
@@ -113,6 +132,10 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_
         "bits_w": int(cfg.bits.w),
         "bits_a": int(cfg.bits.a),
         "first_last": str(cfg.bits.first_last),
+        "twin_residual_bits": (cfg.get("twin") or {}).get("residual_bits"),
     })
+    if latency_runs > 0:
+        threads = latency.default_threads() if threads is None else threads
+        report.update(latency.latency_report(out / "model_fp32.onnx", out / "model.onnx", calib_x, threads, latency_runs))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

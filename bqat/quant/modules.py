@@ -72,6 +72,39 @@ class QConv2dSame(QConv2d):
         return conv2d_same(self.quantized_input(x), self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+def _quantize_output(module: nn.Module, _inputs, output):
+    return module.output_quantizer(output)
+
+
+def attach_output_quantizer(module: nn.Module, quantizer: nn.Module) -> None:
+    """From now on `module`'s output passes through `quantizer` (a forward hook).
+
+    The quantizer is registered as the child `output_quantizer`, so its step is in the state
+    dict and among the parameters the optimizer trains. A hook rather than a subclass keeps
+    the module's type (and its state-dict keys), so it works on any layer, BatchNorm or
+    SyncBatchNorm alike (twin.residual_bits, bqat.quant.twin)."""
+    if getattr(module, "output_quantizer", None) is not None:
+        raise ValueError(f"{type(module).__name__} already has an output quantizer")
+    module.output_quantizer = quantizer
+    module.register_forward_hook(_quantize_output)
+
+
+def detach_output_quantizer(module: nn.Module) -> nn.Module | None:
+    """Undo `attach_output_quantizer`; returns the quantizer (None if there was none)."""
+    quantizer = getattr(module, "output_quantizer", None)
+    if quantizer is None:
+        return None
+    for key, hook in list(module._forward_hooks.items()):
+        if hook is _quantize_output:
+            del module._forward_hooks[key]
+    del module.output_quantizer
+    return quantizer
+
+
+def output_quantizer(module: nn.Module) -> nn.Module | None:
+    return getattr(module, "output_quantizer", None)
+
+
 QUANT_MODULES = {
     nn.Conv2d: QConv2d,
     nn.Linear: QLinear,

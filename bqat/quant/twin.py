@@ -12,7 +12,8 @@ from typing import Callable
 from torch import nn
 
 from bqat.errors import UserError
-from bqat.quant.modules import QUANT_MODULES
+from bqat.models.graph import TraceError, residual_points
+from bqat.quant.modules import QUANT_MODULES, QConv2d, attach_output_quantizer
 from bqat.quant.registry import get_quantizer
 
 log = logging.getLogger("bqat")
@@ -167,3 +168,46 @@ def set_bn_eps(twin: nn.Module, eps: float | None) -> int:
     for m in layers:
         m.eps = float(eps)
     return len(layers)
+
+
+def add_residual_quantizers(twin: nn.Module, quant_cfg, bits) -> list[str]:
+    """`twin.residual_bits`: activation quantizers of `bits` bits where the residual adds read
+    and write float tensors (bqat.models.graph.residual_points).
+
+    In a ResNet block the last conv's output (after its BatchNorm) enters the residual add
+    without a quantizer, and the add writes the float residual stream that the next block's
+    shortcut carries. An integer backend (onnxruntime's QLinearConv / QLinearAdd, bqat-export)
+    needs a grid on both: the branch output, so the conv can requantize its result, and the
+    stream (block outputs, and the stem's output that the first shortcut reads), so the add
+    runs on integers too. With this option the twin trains with those grids; the next conv's
+    own input quantizer then reads the stream's grid. None (the default) adds nothing: the
+    paper's twin. Returns the names of the modules whose outputs got a quantizer.
+    """
+    if bits is None or quant_cfg.name == "none":
+        return []
+    try:
+        points = residual_points(twin)
+    except TraceError as err:
+        raise UserError(f"twin.residual_bits needs the model's residual adds, which torch.fx reads: {err}; "
+                        "set twin.residual_bits=null") from None
+    # A branch whose conv stays float (first/last policy, unknown subclass) has no integer form anyway.
+    points = [p for p in points if p.conv is None or isinstance(twin.get_submodule(p.conv), QConv2d)]
+    if not any(p.conv is not None for p in points):
+        raise UserError(f"twin.residual_bits={bits}, but no quantized conv of the model feeds a residual add; "
+                        "set twin.residual_bits=null")
+    for p in points:
+        attach_output_quantizer(twin.get_submodule(p.module), build_quantizer(quant_cfg, int(bits), "act"))
+    branches = sum(p.conv is not None for p in points)
+    log.info(f"twin: {branches} residual branch outputs and {len(points) - branches} residual stream tensors "
+             f"quantized at {bits} bits (twin.residual_bits)")
+    return [p.module for p in points]
+
+
+def twin_from_config(fp: nn.Module, cfg) -> nn.Module:
+    """The twin of a run config as bqat-train builds it (make_twin, twin.bn_eps, twin.residual_bits),
+    without the SyncBatchNorm swap of multi-process runs: what export and tests rebuild."""
+    twin = make_twin(fp, cfg.quant, cfg.bits)
+    recipe = cfg.get("twin") or {}
+    set_bn_eps(twin, recipe.get("bn_eps"))
+    add_residual_quantizers(twin, cfg.quant, recipe.get("residual_bits"))
+    return twin
