@@ -15,12 +15,17 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 INTEGER_OPS = ("QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat")
 # Operators that only move, reshape or convert data (or hold constants): not counted as float compute.
 DATA_OPS = {"QuantizeLinear", "DequantizeLinear", "Clip", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
             "Identity", "Constant", "ConstantOfShape", "Shape", "Gather", "Concat", "Cast", "Slice", "Pad",
             "ReorderInput", "ReorderOutput"}
+# An int32 bias may move a fused conv's output by at most this fraction of the step of the grid
+# right after it; a conv whose bias would move it more (an 8-bit conv, whose codes cannot be
+# stretched: the stem) stays in float, so that the integer graph keeps the twin's codes.
+BIAS_TOLERANCE = 0.01
 LEVELS = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
@@ -65,6 +70,36 @@ def _float_reason(node: onnx.NodeProto, producer: dict, consumers: dict, outputs
         kinds = sorted({r.op_type for r in readers if r.op_type != "QuantizeLinear"}) or (["a second quantizer"] if len(readers) > 1 else ["the graph output"])
         return f"its output goes on in float to {', '.join(kinds)} (no quantizer right after it)"
     return None
+
+
+def _constant(model: onnx.ModelProto, name: str):
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def output_steps(model: onnx.ModelProto) -> dict[str, float]:
+    """Layer name -> the step of the QuantizeLinear right after its Conv (through a Relu/Clip)."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    steps = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        readers = consumers.get(node.output[0], [])
+        if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
+            readers = consumers.get(readers[0].output[0], [])
+        if len(readers) == 1 and readers[0].op_type == "QuantizeLinear":
+            scale = _constant(model, readers[0].input[1])
+            if scale is not None:
+                steps[_layer_name(node.name)] = float(scale)
+    return steps
 
 
 def float_layers(model: onnx.ModelProto) -> dict[str, str]:

@@ -150,20 +150,32 @@ def _op(layer: nn.Module, cropped: bool):
 class IntegerLayer(nn.Module):
     """A quantized conv or linear laid out for onnxruntime's integer operators (module docstring).
 
-    Its forward computes in PyTorch what the ONNX graph computes: the twin's function, with
-    the bias rounded to the accumulator grid. `input_size` (H, W), when given, lets a conv
-    drop the kernel taps that only ever read padding (`used_taps`): the same outputs for
-    that input size, which is the one model.onnx takes."""
+    `mode` says how onnxruntime will run it:
+    - "integer": dequantized input, int8 weight and int32 bias, for QLinearConv / QGemm. Its
+      forward is the twin's function with the bias rounded to the accumulator grid.
+    - "float_output": the same, but the bias stays float: the layer's output goes on in
+      float (into a residual add, say), so onnxruntime cannot fuse it anyway.
+    - "float": no Q/DQ at all: the input grid as float ops (round, clip), the float weight
+      and bias. onnxruntime cannot fuse it, nor quantize its weight or bias itself (its
+      WeightBiasQuantization / BiasQuantization passes do that wherever a conv reads
+      dequantized inputs): the twin's function, exactly.
+    `input_size` (H, W), when given, lets a conv drop the kernel taps that only ever read
+    padding (`used_taps`): the same outputs for that input size, the one model.onnx takes."""
 
-    def __init__(self, layer: nn.Module, input_size: tuple[int, int] | None = None, float_bias: bool = False):
+    MODES = ("integer", "float_output", "float")
+
+    def __init__(self, layer: nn.Module, input_size: tuple[int, int] | None = None, mode: str = "integer"):
         super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.input_quantizer = layer.input_quantizer
+        self.float_input = mode == "float"
         window = _crop(layer, input_size)
         self._op = _op(layer, cropped=window is not None)
         wq, aq = layer.weight_quantizer, layer.input_quantizer
         bias = layer.bias.detach() if layer.bias is not None else None
-        self.integer = isinstance(wq, FixedQuantizer) and torch.equal(wq.zero_point, torch.round(wq.zero_point))
-        on_grid = (self.integer and bias is not None and not float_bias and isinstance(aq, FixedQuantizer)
+        self.integer = mode != "float" and isinstance(wq, FixedQuantizer) and torch.equal(wq.zero_point, torch.round(wq.zero_point))
+        on_grid = (mode == "integer" and self.integer and bias is not None and isinstance(aq, FixedQuantizer)
                    and not aq.uint8_container()[2])
         if self.integer:
             limit = stretch_limit(wq, aq.uint8_container()[1] if isinstance(aq, FixedQuantizer) else 255)
@@ -191,7 +203,9 @@ class IntegerLayer(nn.Module):
             self.register_buffer("bias", None if bias is None else bias.clone())
 
     def forward(self, x):
-        if self.input_quantizer is not None:
+        if self.input_quantizer is not None and self.float_input:
+            x = self.input_quantizer.dequantize(self.input_quantizer.codes(x))  # plain ops, no Q/DQ
+        elif self.input_quantizer is not None:
             x = self.input_quantizer(x)
         if self.integer:
             w = DequantizeConst.apply(self.weight_codes, self.weight_scale, self.weight_zero_point, 0)
@@ -224,16 +238,34 @@ def input_sizes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int,
     return sizes
 
 
-def integer_view(twin: nn.Module, example: torch.Tensor | None = None, float_bias=()) -> nn.Module:
+@torch.no_grad()
+def bias_errors(view: nn.Module, twin: nn.Module) -> dict[str, float]:
+    """Layer name -> the largest |int32 bias - float bias| of each IntegerLayer of `view` that has
+    one (`twin`: the rebuilt twin the view was made from)."""
+    errors = {}
+    for name, layer in view.named_modules():
+        if isinstance(layer, IntegerLayer) and layer.integer_bias:
+            exact = twin.get_submodule(name).bias.double()
+            errors[name] = float((layer.bias_codes.double() * layer.bias_scale.double() - exact).abs().max())
+    return errors
+
+
+def integer_view(twin: nn.Module, example: torch.Tensor | None = None, float_output=(), in_float=()) -> nn.Module:
     """A copy of the rebuilt twin whose quantized layers are IntegerLayers (for model.onnx).
 
     With `example` (an input of the exported size) convs drop their padding-only taps. The
-    layers named in `float_bias` (True: all) keep their bias in float: those onnxruntime
-    runs in float anyway (kernels.float_layers) need not round it."""
+    layers named in `float_output` and `in_float` (True: all) get those IntegerLayer modes;
+    the others are "integer"."""
     view = copy.deepcopy(twin).eval()
     sizes = input_sizes(view, example) if example is not None else {}
+
+    def mode(name):
+        if in_float is True or name in in_float:
+            return "float"
+        return "float_output" if float_output is True or name in float_output else "integer"
+
     for name, layer in quantized_layers(view):
-        new = IntegerLayer(layer, sizes.get(name), float_bias=float_bias is True or name in float_bias)
+        new = IntegerLayer(layer, sizes.get(name), mode=mode(name))
         out = detach_output_quantizer(layer)
         if out is not None:
             attach_output_quantizer(new, out)

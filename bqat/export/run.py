@@ -74,6 +74,30 @@ def compare(twin, rebuilt, sess, loader, limit=None) -> dict:
     }
 
 
+def export_integer_onnx(rebuilt: nn.Module, path: Path, example: torch.Tensor, opset: int):
+    """model.onnx, and the quantized layers onnxruntime will run in float, with why.
+
+    A first export shows which convs cannot fuse (kernels.float_layers) and how far each
+    fused conv's int32 bias moves its output (onnx_qdq.bias_errors against the step of the
+    grid after it); those beyond kernels.BIAS_TOLERANCE run in float too. The final export
+    gives the first their float bias and the others no Q/DQ at all (IntegerLayer modes),
+    so the integer graph rounds no bias it does not run on integers."""
+    view = onnx_qdq.integer_view(rebuilt, example)
+    model = onnx_qdq.export_onnx(view, path, example, opset=opset)
+    float_layers = kernels.float_layers(model)
+    steps, errors = kernels.output_steps(model), onnx_qdq.bias_errors(view, rebuilt)
+    exact = {}
+    for name, error in errors.items():
+        if name not in float_layers and name in steps and error > kernels.BIAS_TOLERANCE * steps[name]:
+            exact[name] = (f"its int32 bias would move its output by up to {error / steps[name]:.2f} of the next grid's step "
+                           f"(more than {kernels.BIAS_TOLERANCE}): kept in float, exact")
+    if float_layers or exact:
+        view = onnx_qdq.integer_view(rebuilt, example, float_output=set(float_layers), in_float=set(exact))
+        model = onnx_qdq.export_onnx(view, path, example, opset=opset)
+    float_layers.update(exact)
+    return model, float_layers
+
+
 def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_qdq.DEFAULT_OPSET, limit_val_batches: int | None = None,
                fold_bn: bool = True, latency_runs: int = latency.DEFAULT_RUNS, threads: int | None = None) -> dict:
     """Write RUN_DIR/export/ and return the report (also written as report.json).
@@ -102,11 +126,7 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_
     OmegaConf.save(cfg, out / "config.yaml")
 
     rebuilt = load_packed_twin(out / "weights.safetensors")
-    model = onnx_qdq.export_onnx(onnx_qdq.integer_view(rebuilt, calib_x[:1]), out / "model.onnx", calib_x[:1], opset=opset)
-    float_layers = kernels.float_layers(model)
-    if float_layers:  # the layers onnxruntime runs in float keep their exact bias (integer_view)
-        view = onnx_qdq.integer_view(rebuilt, calib_x[:1], float_bias=set(float_layers))
-        model = onnx_qdq.export_onnx(view, out / "model.onnx", calib_x[:1], opset=opset)
+    model, float_layers = export_integer_onnx(rebuilt, out / "model.onnx", calib_x[:1], opset)
     onnx_qdq.export_onnx(onnx_qdq.float_view(rebuilt), out / "model_fp32.onnx", calib_x[:1], opset=opset)
     optimized = kernels.optimize(out / "model.onnx", out / "model.optimized.onnx")
 
