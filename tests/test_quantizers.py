@@ -346,8 +346,31 @@ def test_a_step_driven_negative_by_a_huge_gradient_stays_positive(name):
     x = torch.rand(64, 8).requires_grad_(True)
     y = q(x)
     assert torch.isfinite(y).all()
+    scale.grad = None
     y.sum().backward()
     assert torch.isfinite(x.grad).all() and scale.grad.abs().sum() > 0  # on the floor it still learns
+
+
+@pytest.mark.parametrize("name", ["lsq", "lsqplus", "ewgs", "pact"])
+def test_a_step_on_its_floor_gets_gradient_and_grows_back(name):
+    """A step the projection put exactly on its floor learns again (a straight-through floor,
+    not clamp_min, whose gradient is 0 at the bound). DoReFa has no learned step."""
+    from bqat.quant import keep_scales_positive
+
+    q = _act_quantizer(name)
+    (scale,) = q.scales()
+    opt = torch.optim.SGD([scale], lr=0.01)
+    keep_scales_positive(opt, q)
+    scale.grad = torch.full_like(scale, 1e10)
+    opt.step()  # driven far below zero, projected exactly onto the floor
+    assert float(scale.detach()) == pytest.approx(q.floor, rel=1e-6)
+    x = torch.rand(64, 8)
+    for _ in range(3):  # a reconstruction loss: a step of floor clips every x, it wants a larger one
+        opt.zero_grad()
+        ((q(x) - x) ** 2).mean().backward()
+        assert float(scale.grad) < 0
+        opt.step()
+    assert float(scale.detach()) > 2 * q.floor
 
 
 @pytest.mark.parametrize("name", ["lsq", "ewgs", "lsqplus"])
