@@ -113,6 +113,26 @@ def test_lsqplus_activation_init_minimises_the_mse_of_eq_9():
     assert found <= mse((b - a) / 3, a).min().item() * 1.01  # a dense brute-force search
 
 
+def test_lsqplus_activation_init_on_a_padded_map_matches_the_full_tensor_init(monkeypatch):
+    """The init reads a seeded random sample of a large batch, not a fixed stride: on a
+    power-of-two padded conv+ReLU map a stride picks the zero-padded border column only.
+    Within 5 % of the search on every element, the same for the same batch, global RNG untouched."""
+    from bqat.quant import lsqplus
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+    with torch.no_grad():
+        x = torch.relu(conv(torch.rand(64, 3, 32, 32)))  # 2^20 elements: sampled
+    assert x.numel() > lsqplus.MSE_SAMPLE
+    rng = torch.get_rng_state()
+    s, beta = lsqplus.mse_init(x, 0, 3)
+    assert torch.equal(torch.get_rng_state(), rng) and lsqplus.mse_init(x, 0, 3) == (s, beta)
+    monkeypatch.setattr(lsqplus, "MSE_SAMPLE", x.numel())
+    s_full, beta_full = lsqplus.mse_init(x, 0, 3)
+    assert s == pytest.approx(s_full, rel=0.05) and beta == pytest.approx(beta_full, rel=0.05)
+    assert beta_full > 0  # the ReLU map's zeros and the border pull the range's bottom; it is not 0
+
+
 def test_lsqplus_export_zero_point_reproduces_the_grid():
     """x_q = scale * (code - zero_point) with integer code in [0, 2^b - 1]; zero_point = -beta / s."""
     q = ready(LSQPlus(3, "act"), step=0.25, offset=-0.6, signed=False)
