@@ -314,6 +314,40 @@ def test_bad_quantizer_options_are_one_line_user_errors():
         make_twin(fp, OmegaConf.create({"name": "pact", "per_channel": False, "alpha_init": 0}), bits)
 
 
+# --- precision ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 2])
+def test_every_quantizer_computes_in_fp32_under_bf16_autocast(bits):
+    """Under autocast a quantizer gets bf16 activations; it computes in fp32 anyway: the same
+    init, output and gradients as on the fp32 copy of its input, the output exactly on the
+    grid (float32; the conv after it casts), the input gradient in the input's dtype.
+    Outside autocast a bf16 input gives the fp32 result rounded to bf16."""
+    torch.manual_seed(4)
+    x = (torch.randn(4, 8, 6, 6) * 1.5).bfloat16()  # an activation as a bf16 conv hands it on
+    w = torch.randn(8, 8, 3, 3)  # the fp32 master weights
+    dx_out, dw_out = torch.randn(4, 8, 6, 6).bfloat16().float(), torch.randn_like(w)
+    for name, cls in sorted(QUANTIZERS.items()):
+        for kind, inp, dy in (("act", x, dx_out), ("weight", w, dw_out)):
+            ref = cls(bits, kind)
+            y_ref, dx_ref, g_ref = grads(ref, inp.float(), dy)  # initialised in fp32 too
+            q = cls(bits, kind)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y, dx, g = grads(q, inp, dy)
+            case = (name, kind, bits)
+            for key, value in ref.state_dict().items():
+                assert (torch.equal(value, q.state_dict()[key]) if torch.is_tensor(value) else value == q.state_dict()[key]), case
+            assert torch.equal(y.float(), y_ref) and y.dtype == torch.float32, case
+            scale, zero_point = q.scale_zero_point()
+            code = y / scale + zero_point
+            assert (code - code.round()).abs().max() < 1e-3, case
+            assert code.round().unique().numel() <= 2**bits, case
+            assert dx.dtype == inp.dtype and torch.equal(dx, dx_ref.to(inp.dtype)), case
+            for p in g_ref:  # the step / offset / alpha gradients
+                assert torch.allclose(g[p], g_ref[p], rtol=1e-6, atol=0), (*case, p)
+            if kind == "act":
+                assert torch.equal(q(x), y_ref.bfloat16()), case
+
+
 # --- compiled path ----------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bqat import dist
-from bqat.quant.functional import Core, compiled
+from bqat.quant.functional import Core, compiled, compute_dtype
 
 # A learned step size (LSQ's s, LSQ+'s s, PACT's alpha) must stay positive: at s <= 0 the
 # grid flips or x / s divides by zero. Low-bit depthwise twins (MobileNet, EfficientNet)
@@ -106,6 +106,7 @@ class Quantizer(nn.Module):
         # Under DDP every rank sees a different slice of the first batch; the ranks agree
         # on the grid (signed if any saw a negative value) and average what init_params
         # set, so all start from the same step sizes (no-ops in a single process).
+        x = x.to(compute_dtype(x.dtype))  # statistics in float32 even from a bf16 batch
         if self.kind == "act":
             self.signed = dist.any_across_ranks(bool(x.min() < 0), device=x.device)
         self.init_params(x)
