@@ -9,6 +9,7 @@ once per step and every path reuses it (DESIGN.md, step 2).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -111,6 +112,25 @@ def build_schedule(cfg) -> Schedule:
     return SCHEDULES[cfg.name](cfg)
 
 
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module):
+    """Inside: `model`'s BatchNorms normalise with batch statistics (in train mode) and leave
+    running_mean, running_var and num_batches_tracked as they are.
+
+    The rule of a step: a twin block updates its running statistics only on its own LP
+    prefix, so every twin BatchNorm is updated exactly once per step under every schedule
+    and its statistics describe the twin's own features, never the partner's.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False  # train mode + untracked: torch passes no running buffers
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
 def mix_weight(w_mix: float, decay: str, progress: float) -> float:
     """w_mix at training progress in [0, 1]: constant, or decayed to 0 (linear / cosine)."""
     if decay == "constant":
@@ -165,7 +185,12 @@ class BlockReplacement(nn.Module):
                 if prefix in memo:
                     continue
                 block = self.runners[prefix[-1]][i - 1]
-                if "q" in prefix:
+                if prefix[-1] == "q" and "f" in prefix:
+                    # Q_i on partner features (`single` paths): batch statistics, running
+                    # statistics untouched; the LP path updates them, once per step.
+                    with running_stats_frozen(self.twin):
+                        memo[prefix] = block(memo[prefix[:-1]])
+                elif "q" in prefix:
                     memo[prefix] = block(memo[prefix[:-1]])
                 else:  # pure FP prefix: nothing trainable upstream, keep no graph
                     with torch.no_grad():
@@ -182,18 +207,22 @@ class BlockReplacement(nn.Module):
         ce_lp = F.cross_entropy(out[lp_path], y)
         logs = {"ce/lp": ce_lp.detach()}
         loss = ce_lp
+        # w_mix_decay scales every mixed-path term alike (their CE and their KD), so a decayed
+        # run ends on the twin's own terms alone: CE(z_n) and KL(z_0||z_n).
+        decay = mix_weight(1.0, cfg.w_mix_decay, self.progress)
+        logs["mix_decay"] = decay
         if mixed:
             ce_mixed = [F.cross_entropy(out[p], y) for p in mixed]
             for p, ce in zip(mixed, ce_mixed):
                 logs[f"ce/{p}"] = ce.detach()
-            w_mix = mix_weight(cfg.w_mix, cfg.w_mix_decay, self.progress)
+            w_mix = cfg.w_mix * decay
             loss = loss + w_mix * torch.stack(ce_mixed).mean()
-            logs["w_mix"] = torch.tensor(w_mix)
+            logs["w_mix"] = w_mix
         if cfg.w_kd > 0:
             z0 = out[fp_path]
             kd = kd_loss(out[lp_path], z0, cfg.T)
             if mixed:
-                kd = kd + torch.stack([kd_loss(out[p], z0, cfg.T) for p in mixed]).mean()
+                kd = kd + decay * torch.stack([kd_loss(out[p], z0, cfg.T) for p in mixed]).mean()
             loss = loss + cfg.w_kd * kd
             logs["kd"] = kd.detach()
         reg = quantizer_regularization(self.twin)  # e.g. PACT's L2 on its clip alpha
