@@ -10,7 +10,6 @@ once per step and every path reuses it (DESIGN.md, step 2).
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +18,10 @@ from torch import nn
 from bqat.errors import UserError
 from bqat.models.split import split_blocks
 from bqat.quant import quantizer_regularization
+from bqat.registry import Registry
 
-SCHEDULES: dict[str, type] = {}
-
-
-def register_schedule(name: str):
-    def decorator(cls):
-        if name in SCHEDULES:
-            warnings.warn(f"schedule {name!r} registered twice; the later one wins", stacklevel=2)
-        SCHEDULES[name] = cls
-        return cls
-
-    return decorator
+SCHEDULES = Registry("schedule")
+register_schedule = SCHEDULES.register
 
 
 class Schedule:
@@ -106,8 +97,6 @@ def single_path(k: int, n: int) -> str:
 
 
 def build_schedule(cfg) -> Schedule:
-    if cfg.name not in SCHEDULES:
-        raise UserError(f"unknown schedule {cfg.name!r}; choose one of: {', '.join(sorted(SCHEDULES))}")
     return SCHEDULES[cfg.name](cfg)
 
 
