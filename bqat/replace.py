@@ -202,23 +202,3 @@ class BlockReplacement(nn.Module):
         result.update({f"mixed_{k}": out[prefix_path(k, self.n)] for k in range(1, self.n)})
         return result
 
-
-class Classifier(nn.Module):
-    """Plain supervised training of one model (the FP partner's recipe); same engine API."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.progress = 0.0
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, x, y):
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.detach(), "acc/fp": (logits.argmax(1) == y).float().mean().detach()}
-
-    @torch.no_grad()
-    def evaluate(self, x):
-        return {"fp": self.model(x)}
