@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,18 +19,10 @@ from torch import nn
 from bqat.errors import UserError
 from bqat.models.split import split_blocks
 from bqat.quant import quantizer_regularization
+from bqat.registry import Registry
 
-SCHEDULES: dict[str, type] = {}
-
-
-def register_schedule(name: str):
-    def decorator(cls):
-        if name in SCHEDULES:
-            warnings.warn(f"schedule {name!r} registered twice; the later one wins", stacklevel=2)
-        SCHEDULES[name] = cls
-        return cls
-
-    return decorator
+SCHEDULES = Registry("schedule")
+register_schedule = SCHEDULES.register
 
 
 class Schedule:
@@ -107,8 +98,6 @@ def single_path(k: int, n: int) -> str:
 
 
 def build_schedule(cfg) -> Schedule:
-    if cfg.name not in SCHEDULES:
-        raise UserError(f"unknown schedule {cfg.name!r}; choose one of: {', '.join(sorted(SCHEDULES))}")
     return SCHEDULES[cfg.name](cfg)
 
 
@@ -242,23 +231,3 @@ class BlockReplacement(nn.Module):
         result.update({f"mixed_{k}": out[prefix_path(k, self.n)] for k in range(1, self.n)})
         return result
 
-
-class Classifier(nn.Module):
-    """Plain supervised training of one model (the FP partner's recipe); same engine API."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.progress = 0.0
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, x, y):
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.detach(), "acc/fp": (logits.argmax(1) == y).float().mean().detach()}
-
-    @torch.no_grad()
-    def evaluate(self, x):
-        return {"fp": self.model(x)}
