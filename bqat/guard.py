@@ -31,6 +31,12 @@ class BadStep:
     what: str  # "loss" | "gradient"
 
 
+def not_finite(x: torch.Tensor) -> torch.Tensor:
+    """x is not finite: x - x is 0 exactly when x is finite (inf - inf and NaN - NaN are NaN).
+    Two small kernels, where isfinite decomposes into more."""
+    return (x - x).ne(0)
+
+
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer.step()` honours `found_inf` (torch's fused optimizers) in every group."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(g.get("fused") for g in optimizer.param_groups)
@@ -44,6 +50,7 @@ class UpdateGuard:
         self.device = torch.device(device)
         self.on_device = skips_on_device(optimizer)
         self.skip = torch.zeros((), dtype=torch.bool, device=self.device)  # true from the first bad step on (sticky)
+        # (step, epoch, loss, loss + gradient norm, logs) of each update since the last check
         self.pending: list[tuple[int, int, torch.Tensor, torch.Tensor | None, dict]] = []
 
     @property
@@ -55,9 +62,7 @@ class UpdateGuard:
         On the device: always None (the step is remembered until `check`)."""
         if not self.on_device:
             return BadStep(step, epoch, logs, "loss") if not torch.isfinite(loss.detach()) else None
-        loss = loss.detach()
-        self.pending.append((step, epoch, loss, None, logs))
-        self.skip.logical_or_(torch.isfinite(loss).logical_not())
+        self.pending.append((step, epoch, loss.detach(), None, logs))
         return None
 
     def update(self, grad_norm: torch.Tensor | None = None) -> None:
@@ -67,10 +72,10 @@ class UpdateGuard:
         if not self.on_device:
             self.optimizer.step()
             return
-        if grad_norm is not None:
-            step, epoch, loss, _, logs = self.pending[-1]
-            self.pending[-1] = (step, epoch, loss, grad_norm.detach(), logs)
-            self.skip.logical_or_(torch.isfinite(grad_norm.detach()).logical_not())
+        step, epoch, loss, _, logs = self.pending[-1]
+        value = loss if grad_norm is None else loss + grad_norm.detach()  # non-finite when either is
+        self.pending[-1] = (step, epoch, loss, value, logs)
+        self.skip.logical_or_(not_finite(value))
         opt = self.optimizer
         opt.grad_scale, opt.found_inf = None, self.skip.float()  # the fused kernels skip when found_inf == 1
         try:
@@ -83,9 +88,8 @@ class UpdateGuard:
         pending, self.pending = self.pending, []
         if not pending:
             return None
-        finite = torch.stack([torch.isfinite(loss) & (torch.isfinite(norm) if norm is not None else True)
-                              for _, _, loss, norm, _ in pending]).tolist()
-        if all(finite):
+        bad = torch.stack([not_finite(value) for _, _, _, value, _ in pending]).tolist()  # the updates' own rule
+        if not any(bad):
             return None
-        step, epoch, loss, _, logs = pending[finite.index(False)]
+        step, epoch, loss, _, logs = pending[bad.index(True)]
         return BadStep(step, epoch, logs, "loss" if not bool(torch.isfinite(loss)) else "gradient")
