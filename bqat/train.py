@@ -159,6 +159,9 @@ def train(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "data": cfg.data.name,
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        # The twin's optimiser settings that tuning grids vary (scripts/report.py keys rows by lr).
+        "lr": float(cfg.optim.optimizer.lr),
+        "weight_decay": float(cfg.optim.optimizer.get("weight_decay", 0.0)),
         "first_step_loss": state.first_step_loss,
         "precision": str(cfg.trainer.get("precision", "fp32")),
         "compile": use_compile,
