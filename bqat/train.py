@@ -83,7 +83,7 @@ def train(cfg: DictConfig) -> dict:
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model, data.input_size)
     check_split(fp, boundaries, data.input_size)
-    layer_widths(fp, cfg.bits)  # a bits.layers glob that matches no layer fails before the partner trains
+    layer_widths(fp, cfg.bits, cfg.model.name)  # a bits.layers glob that matches no layer fails before the partner trains
     with dist.rank_zero_first():  # trained once, on all the data, by rank 0; read from the cache by the others
         partner, partner_top1, partner_source = get_partner(fp, data, cfg, device)
     data.shard(dist.rank(), dist.world_size())
