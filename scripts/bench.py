@@ -155,11 +155,6 @@ def block_convs(blocks) -> list[int]:
     return [sum(count_convs(b.model.get_submodule(n)) for n in b.names) for b in blocks]
 
 
-def has_batch_paths() -> bool:
-    """Whether this tree has schedule.batch_paths (the batched partner suffixes)."""
-    return "batch_paths" in OmegaConf.load(SCHEDULE_CONF / "prefix.yaml")
-
-
 def schedule_cfg(name: str, **keys):
     return OmegaConf.merge(OmegaConf.load(SCHEDULE_CONF / f"{name}.yaml"), keys)
 
@@ -207,7 +202,6 @@ class Bench:
         self.args = args
         self.device = torch.device(args.device)
         self.accel = Accel({"precision": args.precision}, self.device)
-        self.batched = has_batch_paths()
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
@@ -229,6 +223,8 @@ class Bench:
         self.fp_opt = torch.optim.SGD(self.fp.parameters(), lr=1e-4, momentum=0.9, fused=True)
         self.twin_opt = torch.optim.SGD(self.twin.parameters(), lr=1e-4, momentum=0.9, fused=True)
 
+        # schedule.batch_paths (batched partner suffixes) where this tree has it: a BlockReplacement then says so.
+        self.batched = hasattr(self.hybrid(schedule_cfg("prefix")), "batch_paths")
         prefix = {"batch_paths": False} if self.batched else {}
         self.hybrids = {
             "none": self.hybrid(schedule_cfg("none")),
@@ -333,6 +329,9 @@ class Bench:
 
         self.twin_step(schedule, runners={"q": self.eager_runners["q"], "f": [counted(b) for b in self.eager_runners["f"]]})()
         hybrid.runners = self.eager_runners
+        own = getattr(hybrid, "partner_block_calls", None)  # BlockReplacement's own count, where it keeps one
+        if own is not None and own != calls[0]:
+            raise RuntimeError(f"partner-block calls: BlockReplacement counted {own}, its runners were called {calls[0]} times")
         return calls[0]
 
     def aten_ops(self) -> dict:
