@@ -7,7 +7,9 @@ bf16 autocast). Every configuration builds its models afresh from bqat-train's c
 config (in-memory data on the device, fused SGD, trainer.clip_grad, the finite-loss guard)
 and runs the engine's own loop (bqat.engine.train_epoch): first `--warmup-steps` updates
 (compiling, CUDA-graph recording; timed as warmup_s), then one whole epoch, timed between
-device synchronisations, without evaluation. The FP partner keeps its random initial weights
+device synchronisations, without evaluation. Before the timed epoch, torch's CUDA sync debug
+mode counts the synchronizing calls of 12 and of 4 steps with one log step each:
+`syncs_per_step` is their difference per step (0: nothing waits for the GPU between log steps). The FP partner keeps its random initial weights
 (partner.epochs=0): step times do not depend on them.
 
 The JSON is rewritten after every configuration, so a run cut short keeps what it measured;
@@ -169,12 +171,30 @@ def run_one(cfg, data, config: dict, device: torch.device, args) -> dict:
         sync(device)
         return time.perf_counter() - start
 
+    def syncs(limit: int) -> int:
+        """Synchronizing CUDA calls in `limit` steps with one log step (the last): torch's sync debug mode."""
+        import warnings
+
+        trainer = OmegaConf.merge(cfg.trainer, {"limit_train_batches": limit, "log_every_n_steps": 10**9})
+        state.batch = 0
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_epoch(task, data.train, optimizer, scheduler, state, epochs=2, cfg=trainer, device=device, accel=accel,
+                            clip_grad=cfg.trainer.get("clip_grad"), guard=guard)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(w.message) for w in caught)
+
     warmup_s = epoch(args.warmup_steps) if args.warmup_steps else 0.0
+    # Host syncs per step between log steps (the CUDA-graph step's promise: none), where it can be counted.
+    per_step_syncs = (syncs(12) - syncs(4)) / 8 if device.type == "cuda" and steps >= 12 else None
     state.batch = 0
     epoch_s = epoch(steps)
     return {**config, "epoch_s": round(epoch_s, 3), "steps": steps, "step_ms": round(1000 * epoch_s / steps, 3),
             "warmup_steps": args.warmup_steps, "warmup_s": round(warmup_s, 2), "guard": guard.kind,
-            "compile_cost_s": accel.compile_cost_s}
+            "compile_cost_s": accel.compile_cost_s, "syncs_per_step": per_step_syncs}
 
 
 def summary(results: list[dict]) -> dict:

@@ -45,7 +45,7 @@ def test_its_configurations_run_the_engine_loop_on_cpu_and_write_the_json(tmp_pa
         assert [(r["method"], r["mode"]) for r in written["results"]] == [(method, mode)] and "error" not in written["results"][0], written
         runs[method] = written["results"][0]
     for r in runs.values():
-        assert r["epoch_s"] > 0 and r["guard"].startswith("on the device")
+        assert r["epoch_s"] > 0 and r["guard"].startswith("on the device") and r["syncs_per_step"] is None  # counted on CUDA
     assert (runs["prefix"]["steps"], runs["fp"]["steps"]) == (1, 2)
     assert runs["prefix"]["compile_cost_s"] is None and runs["fp"]["compile_cost_s"] is not None
     assert written["environment"]["device_type"] == "cpu" and written["batch"] == 16
