@@ -122,7 +122,9 @@ def train_partner(model: nn.Module, data, cfg, device) -> float:
     task = PartnerTask(model).to(device)
     if cfg.partner.epochs == 0:
         return evaluate(task, data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
-    optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=cfg.partner.lr, momentum=0.9, weight_decay=cfg.partner.weight_decay)
+    # fused: one kernel per update, and the finite-loss guard decides on the device (bqat.guard): no sync per step.
+    optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=cfg.partner.lr, momentum=0.9, weight_decay=cfg.partner.weight_decay,
+                                               fused=True)
     n = len(data.train) if cfg.trainer.limit_train_batches is None else min(len(data.train), cfg.trainer.limit_train_batches)
     scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched="cosine", num_epochs=max(cfg.partner.epochs, 1), step_on_epochs=False, updates_per_epoch=n)
     state = fit(task, data, optimizer, scheduler, epochs=cfg.partner.epochs, cfg=cfg.trainer, device=device, metric="fp", desc="partner")
