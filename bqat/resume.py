@@ -10,7 +10,11 @@ Re-running a command finds its run folder (named from the command) and:
 - returns the existing metrics when the run already finished (a re-run sweep skips it),
 - resumes from `last.pt` otherwise (`resume=true`, the default),
 - with `resume=false`, moves the earlier checkpoints, tb/ and metrics.json to
-  `previous/<time>/` and starts over: nothing is deleted.
+  `previous/<time>/` and starts over: nothing is deleted,
+- with `resume=best`, resumes from `best.pt` instead (the way on when last.pt is torn):
+  from the end of the epoch best.pt was saved at, with that epoch's random states, so the
+  later epochs are trained again exactly as the run first trained them; last.pt is moved
+  to `previous/<time>/checkpoints/` first. Meant for once: re-run without it afterwards.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from bqat.engine import FitState, atomic_save, load_checkpoint, loader_generator_state
+from bqat import dist
+from bqat.engine import FitState, UnreadableCheckpoint, atomic_save, load_checkpoint, loader_generator_state
 from bqat.errors import UserError
 from bqat.partner import load_state_dict_into
 
@@ -64,10 +69,10 @@ def finished_metrics(run_dir: Path, cfg) -> dict | None:
     return metrics
 
 
-def set_aside(run_dir: Path) -> Path | None:
-    """Move an earlier run's checkpoints, tb/ and metrics.json to previous/<time>/."""
+def set_aside(run_dir: Path, names=RUN_FILES, why: str = "resume=false") -> Path | None:
+    """Move an earlier run's checkpoints, tb/ and metrics.json (or `names`) to previous/<time>/."""
     run_dir = Path(run_dir)
-    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    present = [name for name in names if (run_dir / name).exists()]
     if not present:
         return None
     dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
@@ -75,10 +80,10 @@ def set_aside(run_dir: Path) -> Path | None:
     while dest.exists():  # two restarts within one second
         dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
         n += 1
-    dest.mkdir(parents=True)
     for name in present:
-        shutil.move(str(run_dir / name), str(dest / name))
-    log.info(f"resume=false: moved the earlier run's {', '.join(present)} to {dest}")
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(run_dir / name), str(dest / name))  # a rename within the folder
+    log.info(f"{why}: moved the earlier run's {', '.join(present)} to {dest}")
     return dest
 
 
@@ -178,47 +183,75 @@ class RunCheckpoint:
 
     def save(self, state: FitState, best: bool = False) -> Path:
         ckpt = self.state_dict(state)
-        atomic_save(ckpt, self.last)
-        if best:
-            atomic_save(ckpt, self.dir / "best.pt")
+        hint = " (it resumes from the last checkpoint)"
+        if best:  # first: should last.pt then fail, the re-run trains this epoch again and rewrites both
+            atomic_save(ckpt, self.dir / "best.pt", hint)
+        atomic_save(ckpt, self.last, hint)
         return self.last
 
     def restore(self) -> FitState:
-        """The state to continue from: last.pt's when resuming, else a fresh one."""
-        if not (self.cfg.resume and self.last.is_file()):
+        """The state to continue from: last.pt's (best.pt's with resume=best) when resuming, else a fresh one."""
+        from_best = str(self.cfg.resume) == "best"
+        source = self.dir / "best.pt" if from_best else self.last
+        if not self.cfg.resume or not (source.is_file() or from_best):
             return FitState()
-        ckpt = load_checkpoint(self.last)
-        self.check_compatible(ckpt)
-        load_state_dict_into(self.hybrid.twin, ckpt["twin"], f"checkpoint {self.last}", hint="use resume=false to start over")
+        try:
+            ckpt = load_checkpoint(source)
+        except UnreadableCheckpoint as err:
+            raise UserError(self.unreadable_message(source, err.reason)) from None
+        except UserError as err:
+            if from_best:
+                raise UserError(f"resume=best: {err}; use resume=false to set this run's files aside and start over") from None
+            raise
+        self.check_compatible(ckpt, source)
+        load_state_dict_into(self.hybrid.twin, ckpt["twin"], f"checkpoint {source}", hint="use resume=false to start over")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
         except (KeyError, ValueError, RuntimeError) as err:
-            raise UserError(f"cannot resume from {self.last}: its optimizer/scheduler state does not fit ({err}); use resume=false to start over") from err
+            raise UserError(f"cannot resume from {source}: its optimizer/scheduler state does not fit ({err}); use resume=false to start over") from err
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"], self.loader, self.hybrid.generator)
         else:
-            log.warning(f"{self.last} holds no random states: the resumed run will not repeat the uninterrupted one exactly")
+            log.warning(f"{source} holds no random states: the resumed run will not repeat the uninterrupted one exactly")
         state = FitState(ckpt["epoch"], ckpt["step"], ckpt.get("batch", 0), ckpt["best_top1"], dict(ckpt.get("last_val", {})), ckpt.get("train_seconds", 0.0),
                           first_step_loss=ckpt.get("first_step_loss"))
         self.resumed_from_epoch = state.epoch
         within = f", batch {state.batch} of epoch {state.epoch + 1}" if state.batch else ""
-        log.info(f"resuming from {self.last} at epoch {state.epoch}, step {state.step}{within}")
+        log.info(f"resuming from {source} at epoch {state.epoch}, step {state.step}{within}")
+        if from_best:
+            if dist.is_main():  # last.pt is about to be overwritten by epochs trained again: keep it
+                set_aside(self.dir.parent, ("checkpoints/last.pt",), why="resume=best")
+            log.info(f"resume=best: the epochs after epoch {state.epoch} are trained again from best.pt's state; "
+                     "re-run without resume=best from now on")
         return state
 
-    def check_compatible(self, ckpt: dict) -> None:
+    def unreadable_message(self, path: Path, reason: str) -> str:
+        """Which file, why, and the ways on (resume=best only when best.pt itself reads back)."""
+        ways = "resume=false sets this run's files aside (to previous/) and starts over"
+        best = self.dir / "best.pt"
+        if path != best and best.is_file():
+            try:
+                epoch = load_checkpoint(best).get("epoch")
+                ways += f"; resume=best resumes from {best} (intact, saved at the end of epoch {epoch}) and trains the later epochs again"
+            except UserError:
+                ways += f" ({best} is unreadable too)"
+        return f"cannot resume from {path}: {reason}; {ways}"
+
+    def check_compatible(self, ckpt: dict, path: Path | None = None) -> None:
+        path = path or self.last
         if not isinstance(ckpt, dict) or not {"twin", "optimizer", "scheduler", "epoch", "step"} <= set(ckpt):
-            raise UserError(f"{self.last} is not a bqat run checkpoint; use resume=false to start over (the file is kept)")
+            raise UserError(f"{path} is not a bqat run checkpoint; use resume=false to start over (the file is kept)")
         diffs = config_differences(ckpt.get("config") or {}, self.cfg)
         if diffs:
             shown = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
-            raise UserError(f"{self.last} was trained with another config ({shown}); use resume=false to start over (the old run is kept) or another hydra.run.dir")
+            raise UserError(f"{path} was trained with another config ({shown}); use resume=false to start over (the old run is kept) or another hydra.run.dir")
         saved = ckpt.get("partner")
         if saved is None:
-            log.warning(f"{self.last} does not record its partner; cannot check it is {self.partner['source']}")
+            log.warning(f"{path} does not record its partner; cannot check it is {self.partner['source']}")
         elif saved["fingerprint"] != self.partner["fingerprint"]:
             raise UserError(
-                f"{self.last} was trained against partner {saved['source']} (fingerprint {saved['fingerprint']}), "
+                f"{path} was trained against partner {saved['source']} (fingerprint {saved['fingerprint']}), "
                 f"but this run's partner {self.partner['source']} has different weights ({self.partner['fingerprint']}); "
                 "restore that partner (partner.checkpoint=...) or start over with resume=false"
             )
