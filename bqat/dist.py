@@ -269,7 +269,7 @@ class _Step(nn.Module):
 
 
 class DistributedTask(nn.Module):
-    """A task (BlockReplacement, Classifier) whose training steps go through DDP.
+    """A task (bqat.task: BlockReplacement, PartnerTask) whose training steps go through DDP.
 
     Only parameters that require gradients (the twin's) are synchronised; the frozen
     partner is not. Evaluation runs the plain task; `bqat.engine.evaluate` sums the

@@ -1,6 +1,6 @@
 """The train/eval loop, checkpoints and logging, shared by the FP partner and the twin.
 
-A *task* is an nn.Module with `training_step(x, y) -> (loss, logs)`, `evaluate(x) ->
+A *task* (bqat.task) is an nn.Module with `training_step(x, y) -> (loss, logs)`, `evaluate(x) ->
 {name: logits}` and a `progress` attribute (fraction of training done). `fit` runs
 epochs with rich progress bars, steps timm's scheduler per update, logs to TensorBoard
 and calls `on_epoch_end` (where the caller checkpoints). Every step checks the loss is

@@ -28,7 +28,7 @@ from torch import nn
 from bqat.config import short_hash
 from bqat.engine import atomic_save, evaluate, fit, load_checkpoint
 from bqat.errors import UserError
-from bqat.replace import Classifier
+from bqat.task import PartnerTask
 
 log = logging.getLogger("bqat")
 
@@ -117,7 +117,7 @@ def load_pretrained(model: nn.Module, cfg, num_classes: int, in_chans: int) -> d
 
 def train_partner(model: nn.Module, data, cfg, device) -> float:
     """Plain FP training with SGD + cosine: the partner's recipe (partner.epochs=0: evaluate only)."""
-    task = Classifier(model).to(device)
+    task = PartnerTask(model).to(device)
     if cfg.partner.epochs == 0:
         return evaluate(task, data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
     optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=cfg.partner.lr, momentum=0.9, weight_decay=cfg.partner.weight_decay)
@@ -133,7 +133,7 @@ def get_partner(model: nn.Module, data, cfg, device) -> tuple[nn.Module, float, 
         path = Path(cfg.partner.checkpoint)
         load_state_dict_into(model, read_weights(path), f"partner.checkpoint {path}")
         model.to(device)
-        top1 = evaluate(Classifier(model), data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
+        top1 = evaluate(PartnerTask(model), data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
         log.info(f"partner: loaded {path} (val top-1 {top1:.2f})")
         return model, top1, str(path)
 
@@ -141,7 +141,7 @@ def get_partner(model: nn.Module, data, cfg, device) -> tuple[nn.Module, float, 
         weights = load_pretrained(model, cfg, data.num_classes, data.input_size[0])
         if weights.get("num_classes") == data.num_classes:
             model.to(device)
-            top1 = evaluate(Classifier(model), data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
+            top1 = evaluate(PartnerTask(model), data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
             source = f"timm:{weights.get('hf_hub_id') or cfg.model.name}"
             log.info(f"partner: timm's pretrained {cfg.model.name} as it is (val top-1 {top1:.2f})")
             return model, top1, source

@@ -9,8 +9,8 @@ once per step and every path reuses it (DESIGN.md, step 2).
 
 from __future__ import annotations
 
+import contextlib
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +19,10 @@ from torch import nn
 from bqat.errors import UserError
 from bqat.models.split import split_blocks
 from bqat.quant import quantizer_regularization
+from bqat.registry import Registry
 
-SCHEDULES: dict[str, type] = {}
-
-
-def register_schedule(name: str):
-    def decorator(cls):
-        if name in SCHEDULES:
-            warnings.warn(f"schedule {name!r} registered twice; the later one wins", stacklevel=2)
-        SCHEDULES[name] = cls
-        return cls
-
-    return decorator
+SCHEDULES = Registry("schedule")
+register_schedule = SCHEDULES.register
 
 
 class Schedule:
@@ -106,9 +98,26 @@ def single_path(k: int, n: int) -> str:
 
 
 def build_schedule(cfg) -> Schedule:
-    if cfg.name not in SCHEDULES:
-        raise UserError(f"unknown schedule {cfg.name!r}; choose one of: {', '.join(sorted(SCHEDULES))}")
     return SCHEDULES[cfg.name](cfg)
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module):
+    """Inside: `model`'s BatchNorms normalise with batch statistics (in train mode) and leave
+    running_mean, running_var and num_batches_tracked as they are.
+
+    The rule of a step: a twin block updates its running statistics only on its own LP
+    prefix, so every twin BatchNorm is updated exactly once per step under every schedule
+    and its statistics describe the twin's own features, never the partner's.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False  # train mode + untracked: torch passes no running buffers
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def mix_weight(w_mix: float, decay: str, progress: float) -> float:
@@ -165,7 +174,12 @@ class BlockReplacement(nn.Module):
                 if prefix in memo:
                     continue
                 block = self.runners[prefix[-1]][i - 1]
-                if "q" in prefix:
+                if prefix[-1] == "q" and "f" in prefix:
+                    # Q_i on partner features (`single` paths): batch statistics, running
+                    # statistics untouched; the LP path updates them, once per step.
+                    with running_stats_frozen(self.twin):
+                        memo[prefix] = block(memo[prefix[:-1]])
+                elif "q" in prefix:
                     memo[prefix] = block(memo[prefix[:-1]])
                 else:  # pure FP prefix: nothing trainable upstream, keep no graph
                     with torch.no_grad():
@@ -182,18 +196,22 @@ class BlockReplacement(nn.Module):
         ce_lp = F.cross_entropy(out[lp_path], y)
         logs = {"ce/lp": ce_lp.detach()}
         loss = ce_lp
+        # w_mix_decay scales every mixed-path term alike (their CE and their KD), so a decayed
+        # run ends on the twin's own terms alone: CE(z_n) and KL(z_0||z_n).
+        decay = mix_weight(1.0, cfg.w_mix_decay, self.progress)
+        logs["mix_decay"] = decay
         if mixed:
             ce_mixed = [F.cross_entropy(out[p], y) for p in mixed]
             for p, ce in zip(mixed, ce_mixed):
                 logs[f"ce/{p}"] = ce.detach()
-            w_mix = mix_weight(cfg.w_mix, cfg.w_mix_decay, self.progress)
+            w_mix = cfg.w_mix * decay
             loss = loss + w_mix * torch.stack(ce_mixed).mean()
-            logs["w_mix"] = torch.tensor(w_mix)
+            logs["w_mix"] = w_mix
         if cfg.w_kd > 0:
             z0 = out[fp_path]
             kd = kd_loss(out[lp_path], z0, cfg.T)
             if mixed:
-                kd = kd + torch.stack([kd_loss(out[p], z0, cfg.T) for p in mixed]).mean()
+                kd = kd + decay * torch.stack([kd_loss(out[p], z0, cfg.T) for p in mixed]).mean()
             loss = loss + cfg.w_kd * kd
             logs["kd"] = kd.detach()
         reg = quantizer_regularization(self.twin)  # e.g. PACT's L2 on its clip alpha
@@ -213,23 +231,3 @@ class BlockReplacement(nn.Module):
         result.update({f"mixed_{k}": out[prefix_path(k, self.n)] for k in range(1, self.n)})
         return result
 
-
-class Classifier(nn.Module):
-    """Plain supervised training of one model (the FP partner's recipe); same engine API."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.progress = 0.0
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, x, y):
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.detach(), "acc/fp": (logits.argmax(1) == y).float().mean().detach()}
-
-    @torch.no_grad()
-    def evaluate(self, x):
-        return {"fp": self.model(x)}

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from bqat import config as _config  # noqa: F401  (registers the run-name resolver)
 from bqat import dist
 from bqat.accel import Accel, compile_blocks, compile_settings
-from bqat.config import quote_numeric_groups, validate
+from bqat.config import quote_numeric_groups, unquote_layer_globs, validate
 from bqat.data import build_data
 from bqat.engine import FitState, atomic_write_text, fit, resolve_device
 from bqat.errors import UserError, WriteError, fail, one_line_hydra_errors
@@ -37,7 +37,8 @@ from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
 from bqat.quant import Quantizer, keep_scales_positive, make_twin, set_bn_eps
-from bqat.quant.twin import weights_per_channel
+from bqat.quant.size import layer_macs, model_size
+from bqat.quant.twin import layer_widths, weights_per_channel
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
 from bqat.resume import RunCheckpoint, prepare_run_dir
@@ -91,6 +92,7 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model, data.input_size)
     check_split(fp, boundaries, data.input_size)
+    layer_widths(fp, cfg.bits, cfg.model.name)  # a bits.layers glob that matches no layer fails before the partner trains
     with dist.rank_zero_first():  # trained once, on all the data, by rank 0; read from the cache by the others
         partner, partner_top1, partner_source = get_partner(fp, data, cfg, device)
     data.shard(dist.rank(), dist.world_size())
@@ -168,6 +170,9 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
         "seed": cfg.seed,
         "data": cfg.data.name,
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        # The twin's optimiser settings that tuning grids vary (scripts/report.py keys rows by lr).
+        "lr": float(cfg.optim.optimizer.lr),
+        "weight_decay": float(cfg.optim.optimizer.get("weight_decay", 0.0)),
         "first_step_loss": state.first_step_loss,
         "precision": str(cfg.trainer.get("precision", "fp32")),
         "compile": use_compile,
@@ -175,6 +180,9 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
         "depthwise": str(cfg.bits.get("depthwise", "same")),
         "twin_bn_eps": cfg.twin.bn_eps,
         "clip_grad": cfg.trainer.get("clip_grad"),
+        # Per-layer precision and what it costs (bqat.quant.size says what counts).
+        "bits_layers": OmegaConf.to_container(cfg.bits.layers, resolve=True) if cfg.bits.get("layers") else None,
+        **model_size(hybrid.twin, layer_macs(partner, data.input_size)),
     }
     if is_main:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -207,7 +215,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console script `bqat-train` and `python -m bqat.train`."""
-    sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(sys.argv[1:]))
+    sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(unquote_layer_globs(sys.argv[1:])))
     # A full disk fails train.log's writes too: no "--- Logging error ---" traceback per line,
     # the one error line says it (bqat.errors.WriteError).
     logging.raiseExceptions = False

@@ -119,7 +119,7 @@ def test_jpeg_tree_decodes_like_pil_and_is_cached(tmp_path, monkeypatch):
     assert np.abs(decoded.astype(int) - pil.astype(int)).max() <= 2  # libjpeg builds may round differently
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and test
 
-    import bqat.datasets.files as files
+    import bqat.data.files as files
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache is current")
@@ -204,7 +204,10 @@ def test_image_folder_in_memory_with_a_test_folder(image_folder, tmp_path):
 
 def test_stream_loader_shards_an_epoch_across_ranks(image_folder):
     cfg = data_cfg("imagefolder", image_folder, image_size=16, batch_size=1)
-    shards = [build_data(cfg, seed=3, rank=r, world_size=2).train.sampler for r in (0, 1)]
+    shards = [build_data(cfg, seed=3) for _ in (0, 1)]
+    for r, data in enumerate(shards):
+        data.shard(r, 2)
+    shards = [data.train.sampler for data in shards]
     a, b = [i for i, _ in shards[0]], [i for i, _ in shards[1]]  # (index, augmentation seed) keys
     assert len(a) == len(b) == 6 and sorted(a + b) == list(range(12))
 

@@ -239,7 +239,7 @@ def test_a_full_disk_while_writing_metrics_json_keeps_the_old_one(tmp_path, monk
 def test_a_full_disk_while_caching_the_partner_or_the_data_leaves_no_file(tmp_path, monkeypatch, compose_cfg):
     from PIL import Image
 
-    from bqat.datasets.files import list_images, load_split
+    from bqat.data.files import list_images, load_split
     from bqat.partner import cached_partner
 
     cfg = compose_cfg("partner.epochs=0", f"partner.cache_dir={tmp_path / 'partners'}", "trainer.limit_val_batches=1")
