@@ -158,7 +158,8 @@ def stop_on_signals() -> Iterator[None]:
     except (Preempted, Interrupted) as stop:
         restore()
         log.warning(str(stop))
-        print(f"bqat-train: {stop}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks (it is the one that saved)
+            print(f"bqat-train: {stop}", file=sys.stderr, flush=True)
         handler = previous.get(stop.signum)
         if _is_python_handler(handler):
             handler(stop.signum, None)  # submitit: resubmit the job (it resumes from last.pt) and exit

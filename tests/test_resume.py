@@ -295,7 +295,7 @@ def test_a_truncated_last_pt_names_the_ways_on_and_resume_best_repeats_the_run_f
     (checkpoints / "last.pt").write_bytes(torn)
 
     with pytest.raises(UserError) as err:
-        build_run(tmp_path / "run").ckpt.restore()
+        first.ckpt.restore()  # resume=true, as the re-run of the same command
     assert only_line(err) == (
         f"cannot resume from {checkpoints / 'last.pt'}: the file is truncated or corrupt (1000 bytes; not a complete torch archive); "
         "resume=false sets this run's files aside (to previous/) and starts over; "
