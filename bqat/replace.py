@@ -10,14 +10,13 @@ once per step and every path reuses it (DESIGN.md, step 2).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bqat.errors import UserError
 from bqat.models.split import split_blocks
+from bqat.objective import Objective, kd_loss, mix_weight  # noqa: F401  (kd_loss, mix_weight: public here too)
 from bqat.quant import quantizer_regularization
 from bqat.registry import Registry
 
@@ -120,22 +119,6 @@ def running_stats_frozen(model: nn.Module):
             m.track_running_stats = True
 
 
-def mix_weight(w_mix: float, decay: str, progress: float) -> float:
-    """w_mix at training progress in [0, 1]: constant, or decayed to 0 (linear / cosine)."""
-    if decay == "constant":
-        return w_mix
-    if decay == "linear":
-        return w_mix * (1.0 - progress)
-    if decay == "cosine":
-        return w_mix * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise UserError(f"unknown loss.w_mix_decay {decay!r}; choose constant, linear or cosine")
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(teacher || student) at temperature T, scaled by T^2 (Hinton et al. 2015)."""
-    return F.kl_div(F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean", log_target=True) * T * T
-
-
 class BlockReplacement(nn.Module):
     """Trains `twin` (LP) with mixed paths through `partner` (FP, frozen, eval mode)."""
 
@@ -151,6 +134,8 @@ class BlockReplacement(nn.Module):
         self.n = len(boundaries)
         self.schedule = build_schedule(schedule_cfg)
         self.loss_cfg = loss_cfg
+        self.objective = Objective.from_cfg(loss_cfg)  # validated loss.* (bqat.objective)
+        self._path_weights: dict[tuple, torch.Tensor] = {}  # a_k per (paths, device), built once
         self.progress = 0.0  # fraction of training done, set by the engine (w_mix decay)
         self.generator = torch.Generator().manual_seed(seed)
         # What run_paths calls for 'q' and 'f': the blocks, or compiled versions (bqat.accel).
@@ -187,33 +172,14 @@ class BlockReplacement(nn.Module):
         return {p: memo[p] for p in paths}
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        n, cfg = self.n, self.loss_cfg
+        n, objective = self.n, self.objective
         lp_path, fp_path = "q" * n, "f" * n
         mixed = self.schedule.paths(n, self.generator)
-        wanted = [lp_path] + mixed + ([fp_path] if cfg.w_kd > 0 else [])
+        wanted = [lp_path] + mixed + ([fp_path] if objective.w_kd > 0 else [])
         out = self.run_paths(x, wanted)
-
-        ce_lp = F.cross_entropy(out[lp_path], y)
-        logs = {"ce/lp": ce_lp.detach()}
-        loss = ce_lp
-        # w_mix_decay scales every mixed-path term alike (their CE and their KD), so a decayed
-        # run ends on the twin's own terms alone: CE(z_n) and KL(z_0||z_n).
-        decay = mix_weight(1.0, cfg.w_mix_decay, self.progress)
-        logs["mix_decay"] = decay
-        if mixed:
-            ce_mixed = [F.cross_entropy(out[p], y) for p in mixed]
-            for p, ce in zip(mixed, ce_mixed):
-                logs[f"ce/{p}"] = ce.detach()
-            w_mix = cfg.w_mix * decay
-            loss = loss + w_mix * torch.stack(ce_mixed).mean()
-            logs["w_mix"] = w_mix
-        if cfg.w_kd > 0:
-            z0 = out[fp_path]
-            kd = kd_loss(out[lp_path], z0, cfg.T)
-            if mixed:
-                kd = kd + decay * torch.stack([kd_loss(out[p], z0, cfg.T) for p in mixed]).mean()
-            loss = loss + cfg.w_kd * kd
-            logs["kd"] = kd.detach()
+        z_mixed = torch.stack([out[p] for p in mixed]) if mixed else None
+        loss, logs = objective(y, out[lp_path], z_mixed, mixed, self.path_weights(mixed, x.device) if mixed else None,
+                               out.get(fp_path), self.progress)
         reg = quantizer_regularization(self.twin)  # e.g. PACT's L2 on its clip alpha
         if reg is not None:
             loss = loss + reg
@@ -221,6 +187,13 @@ class BlockReplacement(nn.Module):
         logs["loss"] = loss.detach()
         logs["acc/lp"] = (out[lp_path].argmax(1) == y).float().mean().detach()
         return loss, logs
+
+    def path_weights(self, paths: list[str], device: torch.device) -> torch.Tensor:
+        """a_k of `paths` (bqat.objective), cached on the device: no host-to-device copy per step."""
+        key = (tuple(paths), device)
+        if key not in self._path_weights:
+            self._path_weights[key] = torch.tensor(self.objective.weights(paths, self.n), device=device)
+        return self._path_weights[key]
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
