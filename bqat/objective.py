@@ -23,7 +23,7 @@ of `sampled` has one path, of weight 1 under either rule (its draw stays uniform
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -50,14 +50,12 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Ten
     return F.kl_div(F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean", log_target=True) * T * T
 
 
-def kl_per_path(teacher: torch.Tensor, student: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(teacher || student) * T^2, batch mean, from log-probabilities at temperature T.
+def kl_rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each row, from log-probabilities (sum over the last dim).
 
-    [B, C] against [B, C] gives a scalar; a stack of paths [P, B, C] on either side (the
-    other broadcast) gives one value per path, [P], in one call whatever P is.
+    Either side may be a stack of paths [P, B, C] and the other [B, C] (broadcast).
     """
-    batch = student.shape[-2]
-    return (teacher.exp() * (teacher - student)).sum((-2, -1)) * (T * T / batch)
+    return (teacher.exp() * (teacher - student)).sum(-1)
 
 
 def path_weight(path: str, n: int, kind: str) -> float:
@@ -94,6 +92,9 @@ class Objective:
     w_mp_kd: float = 0.0
     mp_teacher_grad: bool = False
     path_weights: str = "uniform"
+    # a_k / B per row of the mixed paths' logits, per (paths, n, B, device): built once, so a
+    # step makes no host-to-device copy.
+    _rows: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_cfg(cls, cfg) -> "Objective":
@@ -128,43 +129,62 @@ class Objective:
         total = sum(raw)
         return [w / total for w in raw]
 
-    def __call__(self, y: torch.Tensor, z_lp: torch.Tensor, z_mixed: torch.Tensor | None = None, paths=(),
-                 a: torch.Tensor | None = None, z_fp: torch.Tensor | None = None, progress: float = 0.0):
-        """L and its terms (logs: detached tensors and floats, no host sync).
+    def row_weights(self, paths: list[str], n: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[P * B] row weights of the mixed paths' rows (in `paths` order): a_k / B for the CE
+        terms, a_k * T^2 / B for the KL terms."""
+        key = (tuple(paths), n, batch, device)
+        if key not in self._rows:
+            a = torch.tensor(self.weights(paths, n), dtype=torch.float32)
+            rows = (a / batch).repeat_interleave(batch)
+            self._rows[key] = (rows.to(device), (rows * (self.T * self.T)).to(device))
+        return self._rows[key]
 
-        z_lp: the twin's logits [B, C]; z_mixed: the mixed paths' [P, B, C] (None: no mixed
-        path), named by `paths` and weighted by `a` [P]; z_fp: the partner's (needed when w_kd > 0).
-        Every term over paths is one call over the stack, whatever P is.
+    def __call__(self, y: torch.Tensor, z_lp: torch.Tensor, z_mixed: torch.Tensor | None = None, paths=(), n: int = 0,
+                 z_fp: torch.Tensor | None = None, progress: float = 0.0):
+        """L and its terms (logs: detached tensors and floats; no host sync).
+
+        z_lp: the twin's logits [B, C]. z_mixed: the mixed paths' logits [P * B, C], path after
+        path in `paths` order (None or [] paths: no mixed path); n: the number of blocks (for the
+        path weights). z_fp: the partner's logits (needed when w_kd > 0). Every term over paths
+        is one call over all their rows, whatever P is: the step stays a fixed set of operators.
         """
         d, T = self.decay(progress), self.T
         ce_lp = F.cross_entropy(z_lp, y)
         loss, logs = ce_lp, {"ce/lp": ce_lp.detach(), "mix_decay": d}
-        mixed = z_mixed is not None and z_mixed.shape[0] > 0
-        if mixed:
-            n_paths, batch = z_mixed.shape[0], z_mixed.shape[1]
-            ce = F.cross_entropy(z_mixed.flatten(0, 1), y.repeat(n_paths), reduction="none").view(n_paths, batch).mean(1)
-            ce_mixed = (a * ce).sum()
-            loss = loss + (self.w_mix * d) * ce_mixed
-            logs.update(zip((f"ce/{p}" for p in paths), ce.detach().unbind()))
+        n_paths, batch = len(paths), z_lp.shape[0]
+        if z_mixed is None or not n_paths:
+            mixed = False
+        else:
+            mixed, (w, w_kl) = True, self.row_weights(paths, n, batch, z_lp.device)
+            ce_rows = F.cross_entropy(z_mixed, y.repeat(n_paths), reduction="none")
+            ce_mixed = torch.dot(ce_rows, w)  # sum_k a_k CE(z_k); fp32 under autocast too
+            loss = loss + _scaled(ce_mixed, self.w_mix * d)
+            with torch.no_grad():
+                logs.update(zip((f"ce/{p}" for p in paths), ce_rows.view(n_paths, batch).mean(1).unbind()))
             logs["ce_mixed"], logs["w_mix"] = ce_mixed.detach(), self.w_mix * d
         teach_mixed = mixed and self.w_mp_kd > 0
         if self.w_kd > 0 or teach_mixed:
             student = F.log_softmax(z_lp / T, -1)
-            log_mixed = F.log_softmax(z_mixed / T, -1) if mixed else None
+            log_mixed = F.log_softmax(z_mixed.view(n_paths, batch, -1) / T, -1) if mixed else None
         if self.w_kd > 0:
             teacher = F.log_softmax(z_fp / T, -1)
-            kd_lp = kl_per_path(teacher, student, T)
+            kd_lp = kl_rows(teacher, student).mean() * (T * T)
             kd = kd_lp
             logs["kd/lp"] = kd_lp.detach()
             if mixed:
-                kd_mixed = (a * kl_per_path(teacher, log_mixed, T)).sum()
-                kd = kd + d * kd_mixed
+                kd_mixed = torch.dot(kl_rows(teacher, log_mixed).flatten(), w_kl)
+                kd = kd + _scaled(kd_mixed, d)
                 logs["kd/mixed"] = kd_mixed.detach()
-            loss = loss + self.w_kd * kd
+            loss = loss + _scaled(kd, self.w_kd)
             logs["kd"] = kd.detach()
         if teach_mixed:
             teachers = log_mixed if self.mp_teacher_grad else log_mixed.detach()
-            mp_kd = (a * kl_per_path(teachers, student, T)).sum()
-            loss = loss + (self.w_mp_kd * d) * mp_kd
+            mp_kd = torch.dot(kl_rows(teachers, student).flatten(), w_kl)
+            loss = loss + _scaled(mp_kd, self.w_mp_kd * d)
             logs["mp_kd"] = mp_kd.detach()
         return loss, logs
+
+
+def _scaled(term: torch.Tensor, weight: float) -> torch.Tensor:
+    # A weight of 1 (the defaults) costs no operator forward and backward.
+    return term if weight == 1.0 else term * weight

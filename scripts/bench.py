@@ -204,8 +204,10 @@ class Bench:
         n = self.hybrid.n
         lp = block_convs(self.hybrid.lp_blocks)
         fp = block_convs(self.hybrid.fp_blocks)
-        suffix = sum(sum(fp[k:]) for k in range(1, n))
+        # schedule.batch_paths: each partner block F_2..F_n once, all paths in one batch.
+        suffix = sum(fp[1:]) if self.hybrid.batch_paths else sum(sum(fp[k:]) for k in range(1, n))
         return {
+            "partner_block_calls_per_step": self.hybrid.partner_block_calls, "expected_partner_block_calls": n - 1,
             "conv_forwards": counter.forward, "expected_conv_forwards": sum(lp) + suffix,
             "conv_backwards_with_weight_grad": counter.backward_weight, "lp_convs": sum(lp),
             "conv_backwards_input_only": counter.backward_input_only, "partner_suffix_convs": suffix,

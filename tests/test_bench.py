@@ -29,4 +29,5 @@ def test_bench_writes_every_timing_ratio_and_the_cost_checks(tmp_path):
     assert set(written["ratios_paired"]) >= set(bench.TARGETS)
     # The method's cost rules, counted at the dispatcher: LP prefix once, no partner weight gradients.
     assert written["checks"]["lp_prefix_computed_once"] and written["checks"]["no_partner_weight_gradients"]
+    assert written["checks"]["partner_block_calls_per_step"] == 2  # n - 1 (schedule.batch_paths)
     assert result["bwrf_step_ms"] == written["bwrf_step_ms"]
