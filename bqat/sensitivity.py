@@ -307,7 +307,10 @@ def sensitivity(run_dir: str | Path, checkpoint: str = "last", bits: int = 8, li
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model, data.input_size)
     fp = load_partner(fp, cfg, ckpt.get("partner"), partner, data, run_cwd(run_dir)).to(dev)
-    twin = make_twin(fp, cfg.quant, cfg.bits)
+    quant_cfg = cfg.quant.copy()
+    if "compile" in quant_cfg:
+        quant_cfg.compile = False  # a few evaluation batches: compiling would cost more than it saves
+    twin = make_twin(fp, quant_cfg, cfg.bits)
     set_bn_eps(twin, (cfg.get("twin") or {}).get("bn_eps"))  # as train.py: eval-mode BatchNorm reads eps
     load_state_dict_into(twin, ckpt["twin"], f"checkpoint {ckpt_path}", hint="evaluate it with the bqat that trained it")
     twin.to(dev).eval()
