@@ -40,6 +40,9 @@ def validate(cfg: DictConfig) -> None:
     _check_bits(cfg.bits.a, "bits.a")
     _check_bits(cfg.bits.first_last, "bits.first_last", allow=("fp", "same"))
     _check_bits(cfg.bits.get("depthwise", "same"), "bits.depthwise", allow=("fp", "same"))
+    from bqat.quant.mixed import layer_patterns  # here: torch is not needed to compose a config
+
+    layer_patterns(cfg.bits)  # bits.layers values; its globs are checked against the model's names
     per_channel = cfg.quant.get("per_channel", False)
     if not isinstance(per_channel, bool) and per_channel != "auto":
         raise UserError(f"quant.per_channel must be true, false or auto, got {per_channel!r}")
@@ -58,6 +61,23 @@ def validate(cfg: DictConfig) -> None:
 
 _NUMBER = r"[-+]?[0-9][0-9.eE+-]*"
 _NUMERIC_GROUP = re.compile(rf"^(\+{{0,2}}bits)=({_NUMBER}(?:,{_NUMBER})*)$")
+
+
+_LAYERS_OVERRIDE = re.compile(r"^(\+{0,2}bits\.layers=)(.*)$", re.S)
+_QUOTED_KEY = re.compile(r"""(["'])([^"']*)\1(\s*:)""")
+
+
+def unquote_layer_globs(argv: list[str]) -> list[str]:
+    """`+bits.layers={"layer1.*": {w: 4}}` -> `+bits.layers={layer1.*: {w: 4}}`.
+
+    Hydra's override grammar takes dict keys unquoted only (`*`, `?`, `.` are allowed
+    there), while a glob reads naturally in quotes; both spellings work.
+    """
+    out = []
+    for arg in argv:
+        m = _LAYERS_OVERRIDE.match(arg)
+        out.append(m.group(1) + _QUOTED_KEY.sub(r"\2\3", m.group(2)) if m else arg)
+    return out
 
 
 def quote_numeric_groups(argv: list[str]) -> list[str]:

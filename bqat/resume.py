@@ -158,10 +158,19 @@ def flatten(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
+def with_layer_list(groups: dict) -> dict:
+    """`bits.layers` as one ordered list of [glob, widths] ([] when absent): the globs apply in
+    order (the last match wins), and flattening them into keys would lose that order and let a
+    glob that only one side has pass unnoticed."""
+    bits = dict(groups.get("bits") or {})
+    bits["layers"] = [[k, v] for k, v in (bits.get("layers") or {}).items()]
+    return {**groups, "bits": bits}
+
+
 def config_differences(saved: dict, cfg) -> list[str]:
     """`key: saved -> now` for every config key both have, outside MAY_DIFFER, whose values differ."""
-    old = flatten(saved)
-    new = flatten(OmegaConf.to_container(cfg, resolve=True))
+    old = flatten(with_layer_list(saved))
+    new = flatten(with_layer_list(OmegaConf.to_container(cfg, resolve=True)))
     # Keys only one side has come from a newer or older bqat, not from the command.
     keys = sorted((set(old) & set(new)) - set(MAY_DIFFER))
     return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys if old[k] != new[k]]

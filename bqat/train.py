@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from bqat import config as _config  # noqa: F401  (registers the run-name resolver)
 from bqat import dist
 from bqat.accel import Accel, compile_blocks, compile_settings
-from bqat.config import quote_numeric_groups, validate
+from bqat.config import quote_numeric_groups, unquote_layer_globs, validate
 from bqat.data import build_data
 from bqat.engine import FitState, fit, resolve_device
 from bqat.errors import UserError, fail, one_line_hydra_errors
@@ -35,7 +35,8 @@ from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
 from bqat.quant import Quantizer, keep_scales_positive, make_twin, set_bn_eps
-from bqat.quant.twin import weights_per_channel
+from bqat.quant.size import layer_macs, model_size
+from bqat.quant.twin import layer_widths, weights_per_channel
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
 from bqat.resume import RunCheckpoint, prepare_run_dir
@@ -82,6 +83,7 @@ def train(cfg: DictConfig) -> dict:
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model, data.input_size)
     check_split(fp, boundaries, data.input_size)
+    layer_widths(fp, cfg.bits)  # a bits.layers glob that matches no layer fails before the partner trains
     with dist.rank_zero_first():  # trained once, on all the data, by rank 0; read from the cache by the others
         partner, partner_top1, partner_source = get_partner(fp, data, cfg, device)
     data.shard(dist.rank(), dist.world_size())
@@ -167,6 +169,9 @@ def train(cfg: DictConfig) -> dict:
         "depthwise": str(cfg.bits.get("depthwise", "same")),
         "twin_bn_eps": cfg.twin.bn_eps,
         "clip_grad": cfg.trainer.get("clip_grad"),
+        # Per-layer precision and what it costs (bqat.quant.size says what counts).
+        "bits_layers": OmegaConf.to_container(cfg.bits.layers, resolve=True) if cfg.bits.get("layers") else None,
+        **model_size(hybrid.twin, layer_macs(partner, data.input_size)),
     }
     if is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -189,7 +194,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console script `bqat-train` and `python -m bqat.train`."""
-    sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(sys.argv[1:]))
+    sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(unquote_layer_globs(sys.argv[1:])))
     with one_line_hydra_errors():
         if show_sweep_config(sys.argv[1:], CONF_DIR):  # `-m ... --cfg hydra`, which Hydra 1.3 refuses
             return
