@@ -46,6 +46,9 @@ def validate(cfg: DictConfig) -> None:
     per_channel = cfg.quant.get("per_channel", False)
     if not isinstance(per_channel, bool) and per_channel != "auto":
         raise UserError(f"quant.per_channel must be true, false or auto, got {per_channel!r}")
+    for key, value in (("trainer.compile", cfg.trainer.get("compile", "auto")), ("quant.compile", cfg.quant.get("compile", False))):
+        if not isinstance(value, bool) and value != "auto":
+            raise UserError(f"{key} must be true, false or auto, got {value!r}")
     clip = cfg.trainer.get("clip_grad")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise UserError(f"trainer.clip_grad must be a positive number or null, got {clip!r}")

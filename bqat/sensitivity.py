@@ -67,9 +67,18 @@ def read_run(run_dir: Path, which: str) -> tuple[dict, object, Path]:
     return ckpt, OmegaConf.create(ckpt["config"]), path
 
 
-def load_partner(fp: nn.Module, cfg, saved: dict | None, override: str | None, data) -> nn.Module:
+def run_cwd(run_dir: Path) -> Path:
+    """The folder bqat-train ran in (Hydra records it in .hydra/hydra.yaml); the current one if unknown."""
+    try:
+        return Path(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd)
+    except Exception:  # noqa: BLE001 - a missing or foreign file: relative paths stay relative to here
+        return Path.cwd()
+
+
+def load_partner(fp: nn.Module, cfg, saved: dict | None, override: str | None, data, run_cwd: Path) -> nn.Module:
     """`fp` filled with the run's partner: the file it names (or `override`), checked against
-    the fingerprint the checkpoint recorded."""
+    the fingerprint the checkpoint recorded. A relative path is read from `run_cwd`, the
+    folder bqat-train ran in."""
     source = override or (saved or {}).get("source")
     if not source:
         raise UserError("the checkpoint does not record its partner; pass the partner's weights with --partner FILE")
@@ -77,6 +86,8 @@ def load_partner(fp: nn.Module, cfg, saved: dict | None, override: str | None, d
         load_pretrained(fp, cfg, data.num_classes, data.input_size[0])
     else:
         path = Path(source)
+        if not path.is_absolute() and override is None:  # the cache path is relative to where bqat-train ran
+            path = run_cwd / path
         if not path.is_file():
             raise UserError(f"the run's partner {path} is missing; restore it or pass the partner's weights with --partner FILE")
         load_state_dict_into(fp, read_weights(path), f"partner {path}")
@@ -233,6 +244,10 @@ def print_table(result: dict, console: Console) -> None:
     console.print(table)
     top = result["blocks"][result["ranking"][0] - 1]
     order = ", ".join(str(k) for k in result["ranking"])
+    if top["cost"] <= 0:
+        console.print(f"no block costs top-1 on these {result['val_images']} images (every cost <= 0); ranking: {order}")
+        console.print(f"written: {result['json']}, {result['png']}")
+        return
     console.print(f"costliest block: {top['block']} ({' '.join(top['modules'])}), {top['cost']:.2f} points "
                   f"(single {top['single_cost']:+.2f}, prefix {top['prefix_cost']:+.2f}, at {result['raise_bits']} bits "
                   f"{top['raised_gain']:+.2f}); ranking: {order}")
@@ -291,8 +306,11 @@ def sensitivity(run_dir: str | Path, checkpoint: str = "last", bits: int = 8, li
     data = build_data(cfg.data, seed=cfg.seed, device=dev)
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model, data.input_size)
-    fp = load_partner(fp, cfg, ckpt.get("partner"), partner, data).to(dev)
-    twin = make_twin(fp, cfg.quant, cfg.bits)
+    fp = load_partner(fp, cfg, ckpt.get("partner"), partner, data, run_cwd(run_dir)).to(dev)
+    quant_cfg = cfg.quant.copy()
+    if "compile" in quant_cfg:
+        quant_cfg.compile = False  # a few evaluation batches: compiling would cost more than it saves
+    twin = make_twin(fp, quant_cfg, cfg.bits)
     set_bn_eps(twin, (cfg.get("twin") or {}).get("bn_eps"))  # as train.py: eval-mode BatchNorm reads eps
     load_state_dict_into(twin, ckpt["twin"], f"checkpoint {ckpt_path}", hint="evaluate it with the bqat that trained it")
     twin.to(dev).eval()

@@ -238,7 +238,7 @@ def mixed_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mixed")
     run_dir = tmp / "run"
     args = [LAYERS, "data.image_size=8", "partner.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
-            "trainer.progress=false", f"hydra.run.dir={run_dir}", f"partner.cache_dir={tmp / 'partners'}"]
+            "trainer.progress=false", f"hydra.run.dir={run_dir}", "partner.cache_dir=partners"]  # relative to cwd
     proc = run_cli(["trainer.epochs=1", *args], cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
@@ -287,7 +287,8 @@ def test_export_packs_each_layer_at_its_own_width(mixed_run):
             assert len(codes.unique()) > 4, name  # really on the 4-bit grid, not the 2-bit one
 
 
-def test_sensitivity_writes_json_png_and_one_entry_per_block(mixed_run, capsys):
+def test_sensitivity_writes_json_png_and_one_entry_per_block(mixed_run, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # elsewhere than the run's cwd: the relative partner path is read from there
     result = sensitivity(mixed_run, limit_val_batches=2, progress=False)
     saved = json.loads((mixed_run / "sensitivity.json").read_text())
     assert saved["ranking"] == result["ranking"] and sorted(saved["ranking"]) == [1, 2, 3]

@@ -46,12 +46,14 @@ class Quantizer(nn.Module):
     kind: "weight" (always signed) or "act" (signedness decided from the first batch:
     unsigned after a ReLU, signed when the input has negative values).
     per_channel: one step per output channel (weights only; dim 0).
-    compile: run the quantizer's pure core (bqat.quant.functional) through torch.compile.
+    compile: run the quantizer's pure core (bqat.quant.functional) through torch.compile
+    (True); False or "auto" run eager ("auto" is `quant.compile`'s default, which bqat-train
+    resolves to True or False from the run's length before building the twin, bqat.accel).
     Subclasses implement `init_params(x)`, `fake_quant(x)` and `scale_zero_point()`, and
     may add a `regularizer()` term to the training loss.
     """
 
-    def __init__(self, bits: int, kind: str, per_channel: bool = False, channels: int = 1, compile: bool = False):
+    def __init__(self, bits: int, kind: str, per_channel: bool = False, channels: int = 1, compile: bool | str = False):
         super().__init__()
         if kind not in ("weight", "act"):
             raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
@@ -63,7 +65,7 @@ class Quantizer(nn.Module):
         self.initialized = False
         self.floor = LEGACY_FLOOR  # set from the initial scales by `initialize`
         # Not `self.compile`: that name is nn.Module.compile().
-        self.use_compile = bool(compile)
+        self.use_compile = compile is True
 
     # Plain Python flags travel in the state dict as extra state, so a checkpoint
     # restores them and the forward pass needs no device sync to read them.
@@ -98,7 +100,7 @@ class Quantizer(nn.Module):
         return x[0].numel() if self.per_channel else x.numel()
 
     def core(self, core: Core) -> Core:
-        """A pure forward/backward pair of bqat.quant.functional, compiled when `quant.compile=true`."""
+        """A pure forward/backward pair of bqat.quant.functional, compiled when `quant.compile` is (or resolved to) true."""
         return compiled(core) if self.use_compile else core
 
     @torch.no_grad()

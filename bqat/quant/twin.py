@@ -88,19 +88,20 @@ def model_name(model: nn.Module) -> str:
     return str(cfg.get("architecture") or type(model).__name__)
 
 
-def layer_widths(model: nn.Module, bits_cfg) -> dict[str, tuple[int | None, int | None]]:
+def layer_widths(model: nn.Module, bits_cfg, name: str | None = None) -> dict[str, tuple[int | None, int | None]]:
     """(weight bits, input bits) of every quantizable layer of `model`, None where it stays float.
 
     The uniform rules (`bits.w`, `bits.a`, `bits.depthwise`, `bits.first_last`) first, then
     the `bits.layers` globs in order, the last match winning (bqat.quant.mixed). Depends on
-    the layer names only, so it can run on the FP model before anything is trained.
+    the layer names only, so it can run on the FP model before anything is trained; `name`
+    (the model's config name) is what an error calls the model.
     """
     edges = first_last_names(model)
     widths = {}
-    for name, m in quantizable_layers(model):
-        bits = layer_bits(name, bits_cfg, edges, depthwise=is_depthwise(m))
-        widths[name] = (None, None) if bits is None else bits
-    return apply_patterns(widths, layer_patterns(bits_cfg), model_name(model))
+    for layer, m in quantizable_layers(model):
+        bits = layer_bits(layer, bits_cfg, edges, depthwise=is_depthwise(m))
+        widths[layer] = (None, None) if bits is None else bits
+    return apply_patterns(widths, layer_patterns(bits_cfg), name or model_name(model))
 
 
 def swap_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
