@@ -56,6 +56,12 @@ def validate(cfg: DictConfig) -> None:
     _check_int(cfg.partner.epochs, "partner.epochs", 0, "an integer >= 0")
     _check_int(cfg.data.batch_size, "data.batch_size", 1, "an integer of at least 1")
     _check_int(cfg.seed, "seed", 0, "an integer >= 0")
+    from bqat.objective import Objective  # here: this module stays light (no torch) for scripts
+    from bqat.replace import batch_paths_setting
+
+    # Before any work (a partner may train for minutes first).
+    Objective.from_cfg(cfg.loss)
+    batch_paths_setting(cfg.schedule)
     for key in ("limit_train_batches", "limit_val_batches"):
         value = cfg.trainer[key]
         if value is not None:
