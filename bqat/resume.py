@@ -50,6 +50,7 @@ MAY_DIFFER = {
     "trainer.compile_mode": "speed, as trainer.compile",
     "trainer.channels_last": "speed: memory layout, other float rounding",
     "quant.compile": "speed: the same fake-quant cores compiled",
+    "schedule.batch_paths": "speed: the paths through a partner block as one batch (eval mode: the same values, other float rounding)",
     "data.root": "where the data lives",
     "data.cache_dir": "where decoded images are cached",
     "data.download": "whether a missing CIFAR release may be fetched",
