@@ -39,9 +39,35 @@ from bqat.partner import load_state_dict_into
 log = logging.getLogger("bqat")
 
 RUN_FILES = ("checkpoints", "tb", "metrics.json")  # what `resume=false` sets aside
-# Config groups that define what the twin is; a last.pt trained with other values is refused.
-MUST_MATCH = ("model", "quant", "bits", "data", "schedule", "loss", "optim", "seed")
-MAY_DIFFER = {"data.root", "data.num_workers"}
+# Resuming continues the computation last.pt holds, so every config key must have the value
+# it had there: deny by default, so a key added to bqat later is checked without being named
+# here. A key only one side has (a checkpoint of an older or newer bqat) is not compared.
+# These keys alone may differ, each for the reason given (README, "Interrupted runs").
+MAY_DIFFER = {
+    "resume": "how the command treats the run folder, not what the run computes",
+    "run_name": "the run folder's name",
+    "trainer.epochs": "train longer or stop sooner; the learning-rate schedule follows the new value (RunCheckpoint.restore)",
+    "trainer.progress": "progress bars only",
+    "trainer.log_every_n_steps": "how often TensorBoard is written, not what is trained",
+    "trainer.device": "where it runs: the same formulas, other float rounding (auto picks per machine)",
+    "trainer.compile": "speed: the same formulas compiled, other float rounding",
+    "trainer.compile_backend": "speed, as trainer.compile",
+    "trainer.compile_mode": "speed, as trainer.compile",
+    "trainer.channels_last": "speed: memory layout, other float rounding",
+    "quant.compile": "speed: the same fake-quant cores compiled",
+    "schedule.batch_paths": "speed: the paths through a partner block as one batch (eval mode: the same values, other float rounding)",
+    "data.root": "where the data lives",
+    "data.cache_dir": "where decoded images are cached",
+    "data.download": "whether a missing CIFAR release may be fetched",
+    "data.num_workers": "loader processes (streamed: the same augmentation, drawn in other workers) or decoding threads",
+    # The partner is checked by a fingerprint of its weights (check_compatible), which is
+    # stricter than the recipe that produced them: a moved checkpoint or cache is fine.
+    "partner.checkpoint": "partner identity: checked by weight fingerprint",
+    "partner.cache_dir": "partner identity: checked by weight fingerprint",
+    "partner.epochs": "partner identity: checked by weight fingerprint",
+    "partner.lr": "partner identity: checked by weight fingerprint",
+    "partner.weight_decay": "partner identity: checked by weight fingerprint",
+}
 
 
 # --- run folder -----------------------------------------------------------------
@@ -148,13 +174,12 @@ def with_layer_list(groups: dict) -> dict:
 
 
 def config_differences(saved: dict, cfg) -> list[str]:
-    """`key: saved -> now` for the groups in MUST_MATCH."""
-    now = OmegaConf.to_container(cfg, resolve=True)
-    old = flatten(with_layer_list({k: saved.get(k) for k in MUST_MATCH}))
-    new = flatten(with_layer_list({k: now.get(k) for k in MUST_MATCH}))
+    """`key: saved -> now` for every config key both have, outside MAY_DIFFER, whose values differ."""
+    old = flatten(with_layer_list(saved))
+    new = flatten(with_layer_list(OmegaConf.to_container(cfg, resolve=True)))
     # Keys only one side has come from a newer or older bqat, not from the command.
-    keys = sorted((set(old) & set(new)) - MAY_DIFFER)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    keys = sorted((set(old) & set(new)) - set(MAY_DIFFER))
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys if old[k] != new[k]]
 
 
 # --- the run's checkpoint ----------------------------------------------------------
@@ -214,11 +239,13 @@ class RunCheckpoint:
             raise
         self.check_compatible(ckpt, source)
         load_state_dict_into(self.hybrid.twin, ckpt["twin"], f"checkpoint {source}", hint="use resume=false to start over")
+        schedule_now = self.scheduler.state_dict()  # built for this run's trainer.epochs
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
         except (KeyError, ValueError, RuntimeError) as err:
             raise UserError(f"cannot resume from {source}: its optimizer/scheduler state does not fit ({err}); use resume=false to start over") from err
+        self.follow_new_epochs(ckpt, schedule_now)
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"], self.loader, self.hybrid.generator)
         else:
@@ -246,6 +273,20 @@ class RunCheckpoint:
             except UserError:
                 ways += f" ({best} is unreadable too)"
         return f"cannot resume from {path}: {reason}; {ways}"
+
+    def follow_new_epochs(self, ckpt: dict, schedule_now: dict) -> None:
+        """With another trainer.epochs, keep the schedule built for it, not the checkpoint's.
+
+        A timm scheduler's state is its configuration (horizon included; the step is passed
+        on every update), so the checkpoint's would end the cosine at the old epoch count and
+        train every later epoch at its final lr.
+        """
+        before = flatten(ckpt.get("config") or {}).get("trainer.epochs")
+        now = OmegaConf.select(self.cfg, "trainer.epochs")
+        if before is None or now is None or before == now:
+            return
+        self.scheduler.load_state_dict(schedule_now)
+        log.info(f"trainer.epochs {before} -> {now}: the learning-rate schedule now runs over {now} epochs")
 
     def check_compatible(self, ckpt: dict, path: Path | None = None) -> None:
         path = path or self.last

@@ -130,6 +130,28 @@ def test_resume_refuses_another_partner_or_config(tmp_path):
     assert run.ckpt.restore().step == 2  # the same run resumes
 
 
+def test_resume_checks_every_recipe_key_but_the_ones_allowed_to_change(tmp_path, caplog):
+    """Deny by default: twin.bn_eps or trainer.clip_grad (outside the old MUST_MATCH groups)
+    refuse the resume in one line; trainer.epochs, trainer.progress and data.root may change
+    (the lr schedule then follows the new epochs); a key only one side has is not compared."""
+    recipe = {**RUN_CFG, "twin": {"bn_eps": 1e-3}, "trainer": {"epochs": 2, "clip_grad": 5.0, "progress": True}, "data": {"root": "a"}}
+    run = build_run(tmp_path, run_cfg=recipe)
+    run.ckpt.save(FitState(epoch=1, step=2))
+
+    def resume(changes, scheduler=run.scheduler):
+        cfg = OmegaConf.merge(OmegaConf.create(recipe), OmegaConf.create(changes))
+        return RunCheckpoint(tmp_path, cfg, run.hybrid, run.optimizer, scheduler, run.data.train, "partner.pt").restore()
+
+    for changes, shown in [({"twin": {"bn_eps": 1e-5}}, "twin.bn_eps: 0.001 -> 1e-05"), ({"trainer": {"clip_grad": None}}, "trainer.clip_grad: 5.0 -> None")]:
+        with pytest.raises(UserError) as err:
+            resume(changes)
+        assert shown in str(err.value) and "resume=false" in str(err.value) and "\n" not in str(err.value)
+    longer, _ = timm.scheduler.create_scheduler_v2(run.optimizer, sched="cosine", num_epochs=4, step_on_epochs=False, updates_per_epoch=2)
+    with caplog.at_level("INFO", logger="bqat"):
+        assert resume({"trainer": {"epochs": 4, "progress": False}, "data": {"root": "b"}, "loss": {"w_new": 1.0}}, longer).step == 2
+    assert longer.t_initial == 8 and "trainer.epochs 2 -> 4" in caplog.text  # not the checkpoint's 4 updates
+
+
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     loader_gen, schedule_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     random.seed(3)
