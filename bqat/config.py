@@ -52,10 +52,19 @@ def validate(cfg: DictConfig) -> None:
     clip = cfg.trainer.get("clip_grad")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise UserError(f"trainer.clip_grad must be a positive number or null, got {clip!r}")
+    resume = cfg.get("resume", True)
+    if not isinstance(resume, bool) and resume != "best":
+        raise UserError(f"resume must be true, false or best, got {resume!r}")
     _check_int(cfg.trainer.epochs, "trainer.epochs", 0, "an integer >= 0")
     _check_int(cfg.partner.epochs, "partner.epochs", 0, "an integer >= 0")
     _check_int(cfg.data.batch_size, "data.batch_size", 1, "an integer of at least 1")
     _check_int(cfg.seed, "seed", 0, "an integer >= 0")
+    from bqat.objective import Objective  # here: this module stays light (no torch) for scripts
+    from bqat.replace import batch_paths_setting
+
+    # Before any work (a partner may train for minutes first).
+    Objective.from_cfg(cfg.loss)
+    batch_paths_setting(cfg.schedule)
     for key in ("limit_train_batches", "limit_val_batches"):
         value = cfg.trainer[key]
         if value is not None:
