@@ -15,6 +15,11 @@ class UserError(Exception):
     """A mistake in the command, the config or the files it names; the message says what to do."""
 
 
+class BadArgument(UserError, ValueError):
+    """A bad argument to bqat's Python API (BlockReplacement, make_twin): a ValueError to a
+    library user's code, one line from `bqat-train`."""
+
+
 def fail(message: str) -> None:
     """Print the one line and exit with EXIT_USER_ERROR (no traceback)."""
     print(f"bqat-train: error: {message}", file=sys.stderr, flush=True)
