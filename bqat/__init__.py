@@ -21,6 +21,8 @@ twin and training loop (README, "Use it from Python"; examples/):
 - `make_twin(model, quant=None, bits=None)`: a deep copy of `model` with bqat's quantizers on
   its Conv2d/Linear layers; `quant` a name or dict ('lsq', {"name": "pact", ...}), `bits` an
   int, a conf/bits option ('w2a4') or a dict; None: conf/train.yaml's defaults (lsq, W2A2).
+- `keep_scales_positive(optimizer, twin)`: after each step, keeps the learned step sizes of
+  bqat's quantizers at or above their floor (bqat-train does it; do it in your loop too).
 - `QUANTIZERS`, `SCHEDULES`, `DATASETS` and `register_quantizer`, `register_schedule`,
   `register_dataset`: the registries `bqat-train` picks from by name.
 """
@@ -33,6 +35,7 @@ _API = {
     "SCHEDULES": "bqat.replace",
     "register_schedule": "bqat.replace",
     "make_twin": "bqat.quant",
+    "keep_scales_positive": "bqat.quant",
     "QUANTIZERS": "bqat.quant",
     "register_quantizer": "bqat.quant",
     "DATASETS": "bqat.data",

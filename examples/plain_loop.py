@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from bqat import BlockReplacement, make_twin  # bqat
-from bqat.quant import keep_scales_positive  # bqat
+from bqat import BlockReplacement, keep_scales_positive, make_twin  # bqat
 
 
 def digits(size: int = 16):
