@@ -61,9 +61,15 @@ def check_bits(bits) -> None:
 def validate(cfg: DictConfig) -> None:
     """Reject values that would fail later or train nonsense, with one clear line."""
     check_bits(cfg.bits)
+    from bqat.quant.mixed import layer_patterns  # here: torch is not needed to compose a config
+
+    layer_patterns(cfg.bits)  # bits.layers values; its globs are checked against the model's names
     per_channel = cfg.quant.get("per_channel", False)
     if not isinstance(per_channel, bool) and per_channel != "auto":
         raise UserError(f"quant.per_channel must be true, false or auto, got {per_channel!r}")
+    for key, value in (("trainer.compile", cfg.trainer.get("compile", "auto")), ("quant.compile", cfg.quant.get("compile", False))):
+        if not isinstance(value, bool) and value != "auto":
+            raise UserError(f"{key} must be true, false or auto, got {value!r}")
     clip = cfg.trainer.get("clip_grad")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise UserError(f"trainer.clip_grad must be a positive number or null, got {clip!r}")
@@ -71,6 +77,12 @@ def validate(cfg: DictConfig) -> None:
     _check_int(cfg.partner.epochs, "partner.epochs", 0, "an integer >= 0")
     _check_int(cfg.data.batch_size, "data.batch_size", 1, "an integer of at least 1")
     _check_int(cfg.seed, "seed", 0, "an integer >= 0")
+    from bqat.objective import Objective  # here: this module stays light (no torch) for scripts
+    from bqat.replace import batch_paths_setting
+
+    # Before any work (a partner may train for minutes first).
+    Objective.from_cfg(cfg.loss)
+    batch_paths_setting(cfg.schedule)
     for key in ("limit_train_batches", "limit_val_batches"):
         value = cfg.trainer[key]
         if value is not None:
@@ -79,6 +91,23 @@ def validate(cfg: DictConfig) -> None:
 
 _NUMBER = r"[-+]?[0-9][0-9.eE+-]*"
 _NUMERIC_GROUP = re.compile(rf"^(\+{{0,2}}bits)=({_NUMBER}(?:,{_NUMBER})*)$")
+
+
+_LAYERS_OVERRIDE = re.compile(r"^(\+{0,2}bits\.layers=)(.*)$", re.S)
+_QUOTED_KEY = re.compile(r"""(["'])([^"']*)\1(\s*:)""")
+
+
+def unquote_layer_globs(argv: list[str]) -> list[str]:
+    """`+bits.layers={"layer1.*": {w: 4}}` -> `+bits.layers={layer1.*: {w: 4}}`.
+
+    Hydra's override grammar takes dict keys unquoted only (`*`, `?`, `.` are allowed
+    there), while a glob reads naturally in quotes; both spellings work.
+    """
+    out = []
+    for arg in argv:
+        m = _LAYERS_OVERRIDE.match(arg)
+        out.append(m.group(1) + _QUOTED_KEY.sub(r"\2\3", m.group(2)) if m else arg)
+    return out
 
 
 def quote_numeric_groups(argv: list[str]) -> list[str]:

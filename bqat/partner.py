@@ -40,7 +40,9 @@ def cache_key(cfg) -> str:
     """Everything that changes the trained partner, and nothing else."""
     recipe = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in NOT_IN_KEY},
+        # data.drop_last=true is how partners were always trained: left out, so their caches stay valid.
+        "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+                 if k not in NOT_IN_KEY and not (k == "drop_last" and v is True)},
         "seed": cfg.seed,
         "partner": {k: cfg.partner[k] for k in ("epochs", "lr", "weight_decay")},
         "limit_train_batches": cfg.trainer.limit_train_batches,

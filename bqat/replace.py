@@ -3,21 +3,28 @@
 A *path* is a string over {'q', 'f'}, one letter per block: 'q' runs the twin's block
 Q_k, 'f' the partner's F_k. The LP backbone is 'qqqq'; the paper's mixed path k is
 'q'*k + 'f'*(n-k); schedule `single` uses 'f'*(k-1) + 'q' + 'f'*(n-k). Paths are
-evaluated through a prefix memo, so a shared prefix (h_k of the LP backbone) is computed
-once per step and every path reuses it (DESIGN.md, step 2).
+evaluated block by block through a prefix memo, so a shared prefix (h_k of the LP
+backbone) is computed once per step and every path reuses it (DESIGN.md, step 2).
+
+With `schedule.batch_paths` (default), the prefixes that enter the same partner block F_j
+go through it as one concatenated batch, forward and backward: a `prefix` step calls each
+partner block once, n-1 calls instead of n(n-1)/2. The partner is in eval mode (running
+BatchNorm statistics), so each row of the batch is computed as it would be alone: the
+result equals the unbatched paths to float rounding. Twin blocks are never batched: in
+train mode their BatchNorm normalises with the statistics of whatever batch it is given.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bqat.blocks import block_cut, check_blocks, check_names, probe, shared_parameter
 from bqat.config import loss_config, named_config
 from bqat.errors import BadArgument, UserError
+from bqat.objective import Objective, kd_loss, mix_weight  # noqa: F401  (kd_loss, mix_weight: public here too)
 from bqat.quant import quantizer_regularization
 from bqat.registry import Registry
 
@@ -101,20 +108,73 @@ def build_schedule(cfg) -> Schedule:
     return SCHEDULES[cfg.name](cfg)
 
 
-def mix_weight(w_mix: float, decay: str, progress: float) -> float:
-    """w_mix at training progress in [0, 1]: constant, or decayed to 0 (linear / cosine)."""
-    if decay == "constant":
-        return w_mix
-    if decay == "linear":
-        return w_mix * (1.0 - progress)
-    if decay == "cosine":
-        return w_mix * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise UserError(f"unknown loss.w_mix_decay {decay!r}; choose constant, linear or cosine")
+def batch_paths_setting(cfg) -> bool:
+    """`schedule.batch_paths` (default true: exact, the partner being in eval mode)."""
+    value = True if cfg is None else cfg.get("batch_paths", True)
+    if not isinstance(value, bool):
+        raise UserError(f"schedule.batch_paths must be true or false, got {value!r}")
+    return value
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(teacher || student) at temperature T, scaled by T^2 (Hinton et al. 2015)."""
-    return F.kl_div(F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean", log_target=True) * T * T
+class PrefixMemo:
+    """Prefix -> its tensor. One partner call on several prefixes stores one tensor, each
+    prefix owning a block of `batch` rows in it; `gather` hands such a block run back whole
+    (no copy) when the next call takes the same prefixes in the same order."""
+
+    def __init__(self, x: torch.Tensor):
+        self.batch = x.shape[0]
+        self.tensors: list[tuple[torch.Tensor, int]] = [(x, 1)]  # (tensor, prefixes in it)
+        self.where: dict[str, tuple[int, int]] = {"": (0, 0)}  # prefix -> (tensor index, row block)
+
+    def put(self, prefixes: list[str], tensor: torch.Tensor) -> None:
+        index = len(self.tensors)
+        self.tensors.append((tensor, len(prefixes)))
+        for row, p in enumerate(prefixes):
+            self.where[p] = (index, row)
+
+    def get(self, prefix: str) -> torch.Tensor:
+        index, row = self.where[prefix]
+        tensor, size = self.tensors[index]
+        return tensor if size == 1 else tensor.narrow(0, row * self.batch, self.batch)
+
+    def order(self, prefixes: list[str]) -> list[str]:
+        """`prefixes` in storage order, so that rows stored together are gathered as one piece."""
+        return sorted(prefixes, key=self.where.__getitem__)
+
+    def gather(self, prefixes: list[str]) -> torch.Tensor:
+        """The rows of `prefixes`, concatenated in the given order."""
+        pieces: list[list[int]] = []  # [tensor index, first row block, end row block]
+        for p in prefixes:
+            index, row = self.where[p]
+            if pieces and pieces[-1][0] == index and pieces[-1][2] == row:
+                pieces[-1][2] += 1
+            else:
+                pieces.append([index, row, row + 1])
+        parts = []
+        for index, start, end in pieces:
+            tensor, size = self.tensors[index]
+            whole = start == 0 and end == size
+            parts.append(tensor if whole else tensor.narrow(0, start * self.batch, (end - start) * self.batch))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module):
+    """Inside: `model`'s BatchNorms normalise with batch statistics (in train mode) and leave
+    running_mean, running_var and num_batches_tracked as they are.
+
+    The rule of a step: a twin block updates its running statistics only on its own LP
+    prefix, so every twin BatchNorm is updated exactly once per step under every schedule
+    and its statistics describe the twin's own features, never the partner's.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False  # train mode + untracked: torch passes no running buffers
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 class BlockReplacement(nn.Module):
@@ -168,10 +228,17 @@ class BlockReplacement(nn.Module):
         self.schedule_cfg = named_config("schedule", schedule, "schedule")
         self.schedule = build_schedule(self.schedule_cfg)
         self.loss_cfg = loss_config(loss)  # one form (a DictConfig over conf/train.yaml's loss) for every caller
+        self.objective = Objective.from_cfg(self.loss_cfg)  # validated loss.* (bqat.objective)
         self.progress = 0.0  # fraction of training done, set by the engine (w_mix decay)
         self.generator = torch.Generator().manual_seed(seed)
         # What run_paths calls for 'q' and 'f': the blocks, or compiled versions (bqat.accel).
         self.runners: dict[str, list] = {"q": list(self.lp_blocks), "f": list(self.fp_blocks)}
+        self.batch_paths = batch_paths_setting(self.schedule.cfg)
+        # The partner-only path (z_0, and single's F_1..F_k inputs) joins the batches of the
+        # trainable paths: one call fewer per block, but the backward then also runs over its
+        # rows. None: on CUDA (launch-bound) only; on a CPU that backward costs more than a call.
+        self.batch_fp_path: bool | None = None
+        self.partner_block_calls = 0  # partner-block calls of the last step or run_paths (make bench reports it)
 
     def check_once(self, x: torch.Tensor) -> None:
         """The construction check, on the first batch, when no probe size was known then."""
@@ -203,51 +270,69 @@ class BlockReplacement(nn.Module):
 
     def run_paths(self, x: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
         """Outputs of each path, computing each distinct prefix once."""
-        memo: dict[str, torch.Tensor] = {"": x}
-        for path in paths:
-            for i in range(1, len(path) + 1):
-                prefix = path[:i]
-                if prefix in memo:
-                    continue
-                block = self.runners[prefix[-1]][i - 1]
-                if "q" in prefix:
-                    memo[prefix] = block(memo[prefix[:-1]])
-                else:  # pure FP prefix: nothing trainable upstream, keep no graph
-                    with torch.no_grad():
-                        memo[prefix] = block(memo[prefix[:-1]])
-        return {p: memo[p] for p in paths}
+        memo = self._run(x, paths)
+        return {p: memo.get(p) for p in paths}
+
+    def _run(self, x: torch.Tensor, paths: list[str]) -> "PrefixMemo":
+        """Every prefix of `paths`, block by block: level i runs Q_i and F_i on the prefixes of
+        length i-1 that continue with them (F_i on all of them at once with batch_paths)."""
+        memo = PrefixMemo(x)
+        prefixes = {p[:i] for p in paths for i in range(1, len(p) + 1)}
+        calls = 0
+        for i in range(1, max(map(len, paths), default=0) + 1):
+            level = sorted(p for p in prefixes if len(p) == i)
+            # The LP prefix first: a quantizer that initialises on its first input sees the twin's own.
+            for p in sorted((p for p in level if p[-1] == "q"), key=lambda p: "f" in p):
+                memo.put([p], self._twin_block(i, p, memo.get(p[:-1])))
+            for group in self._partner_groups([p for p in level if p[-1] == "f"], x):
+                parents = memo.order([p[:-1] for p in group])
+                trainable = any("q" in p for p in parents)
+                # A pure-FP group has nothing trainable upstream: keep no graph.
+                with contextlib.nullcontext() if trainable else torch.no_grad():
+                    out = self.runners["f"][i - 1](memo.gather(parents))
+                memo.put([p + "f" for p in parents], out)
+                calls += 1
+        self.partner_block_calls = calls
+        return memo
+
+    def _twin_block(self, i: int, prefix: str, h: torch.Tensor) -> torch.Tensor:
+        block = self.runners["q"][i - 1]
+        if "f" in prefix:
+            # Q_i on partner features (`single` paths): batch statistics, running statistics
+            # untouched; the LP path updates them, once per step.
+            with running_stats_frozen(self.twin):
+                return block(h)
+        return block(h)
+
+    def _partner_groups(self, prefixes: list[str], x: torch.Tensor) -> list[list[str]]:
+        """The prefixes entering one partner block, grouped into calls."""
+        if not self.batch_paths:
+            return [[p] for p in prefixes]
+        trainable = [p for p in prefixes if "q" in p]
+        fp_only = [p for p in prefixes if "q" not in p]
+        join = x.is_cuda if self.batch_fp_path is None else self.batch_fp_path
+        if join and trainable:
+            return [trainable + fp_only]
+        return [g for g in (trainable, fp_only) if g]
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.check_once(x)
-        n, cfg = self.n, self.loss_cfg
+        n, objective = self.n, self.objective
         lp_path, fp_path = "q" * n, "f" * n
         mixed = self.schedule.paths(n, self.generator)
-        wanted = [lp_path] + mixed + ([fp_path] if cfg.w_kd > 0 else [])
-        out = self.run_paths(x, wanted)
-
-        ce_lp = F.cross_entropy(out[lp_path], y)
-        logs = {"ce/lp": ce_lp.detach()}
-        loss = ce_lp
-        if mixed:
-            ce_mixed = [F.cross_entropy(out[p], y) for p in mixed]
-            for p, ce in zip(mixed, ce_mixed):
-                logs[f"ce/{p}"] = ce.detach()
-            w_mix = mix_weight(cfg.w_mix, cfg.w_mix_decay, self.progress)
-            loss = loss + w_mix * torch.stack(ce_mixed).mean()
-            logs["w_mix"] = torch.tensor(w_mix)
-        if cfg.w_kd > 0:
-            z0 = out[fp_path]
-            kd = kd_loss(out[lp_path], z0, cfg.T)
-            if mixed:
-                kd = kd + torch.stack([kd_loss(out[p], z0, cfg.T) for p in mixed]).mean()
-            loss = loss + cfg.w_kd * kd
-            logs["kd"] = kd.detach()
+        wanted = [lp_path] + mixed + ([fp_path] if objective.w_kd > 0 else [])
+        memo = self._run(x, wanted)
+        z_lp = memo.get(lp_path)
+        mixed = memo.order(mixed)  # storage order: with batch_paths the rows already lie together
+        z_mixed = memo.gather(mixed) if mixed else None  # [P * B, C], path after path, no copy when batched
+        z_fp = memo.get(fp_path) if objective.w_kd > 0 else None
+        loss, logs = objective(y, z_lp, z_mixed, mixed, n, z_fp, self.progress)
         reg = quantizer_regularization(self.twin)  # e.g. PACT's L2 on its clip alpha
         if reg is not None:
             loss = loss + reg
             logs["reg/quant"] = reg.detach()
         logs["loss"] = loss.detach()
-        logs["acc/lp"] = (out[lp_path].argmax(1) == y).float().mean().detach()
+        logs["acc/lp"] = (z_lp.argmax(1) == y).float().mean().detach()
         return loss, logs
 
     @torch.no_grad()

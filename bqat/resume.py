@@ -133,11 +133,20 @@ def flatten(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
+def with_layer_list(groups: dict) -> dict:
+    """`bits.layers` as one ordered list of [glob, widths] ([] when absent): the globs apply in
+    order (the last match wins), and flattening them into keys would lose that order and let a
+    glob that only one side has pass unnoticed."""
+    bits = dict(groups.get("bits") or {})
+    bits["layers"] = [[k, v] for k, v in (bits.get("layers") or {}).items()]
+    return {**groups, "bits": bits}
+
+
 def config_differences(saved: dict, cfg) -> list[str]:
     """`key: saved -> now` for the groups in MUST_MATCH."""
     now = OmegaConf.to_container(cfg, resolve=True)
-    old = flatten({k: saved.get(k) for k in MUST_MATCH})
-    new = flatten({k: now.get(k) for k in MUST_MATCH})
+    old = flatten(with_layer_list({k: saved.get(k) for k in MUST_MATCH}))
+    new = flatten(with_layer_list({k: now.get(k) for k in MUST_MATCH}))
     # Keys only one side has come from a newer or older bqat, not from the command.
     keys = sorted((set(old) & set(new)) - MAY_DIFFER)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

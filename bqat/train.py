@@ -25,8 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from bqat import config as _config  # noqa: F401  (registers the run-name resolver)
 from bqat import dist
-from bqat.accel import Accel, compile_blocks, compile_settings
-from bqat.config import conf_dir, quote_numeric_groups, validate
+from bqat.accel import Accel, auto_compile, compile_blocks, compile_settings
+from bqat.config import conf_dir, quote_numeric_groups, unquote_layer_globs, validate
 from bqat.data import build_data
 from bqat.engine import FitState, fit, resolve_device
 from bqat.errors import UserError, fail, one_line_hydra_errors
@@ -35,7 +35,8 @@ from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
 from bqat.quant import Quantizer, keep_scales_positive, make_twin, set_bn_eps
-from bqat.quant.twin import weights_per_channel
+from bqat.quant.size import layer_macs, model_size
+from bqat.quant.twin import layer_widths, weights_per_channel
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
 from bqat.resume import RunCheckpoint, prepare_run_dir
@@ -61,6 +62,23 @@ def build_scheduler(optimizer, cfg, updates_per_epoch: int):
     return scheduler
 
 
+def choose_compile(cfg: DictConfig, setting, backend: str, planned_steps: int, device) -> tuple[bool, bool, DictConfig]:
+    """(trainer.compile, quant.compile, the quant config with its choice) for this run, auto resolved
+    from the planned updates (bqat.accel.auto_compile); one log line says what was chosen and why."""
+    use_compile, why = auto_compile(setting, "trainer", planned_steps, device, backend)
+    quant_setting = cfg.quant.get("compile", False)
+    if use_compile and quant_setting == "auto":
+        quant_compile, quant_why = False, "auto: the compiled blocks already compile the quantizers"
+    else:
+        quant_compile, quant_why = auto_compile(quant_setting, "quant", planned_steps, device)
+    quant_cfg = cfg.quant.copy()
+    if "compile" in quant_cfg:
+        quant_cfg.compile = quant_compile
+    log.info(f"compile: trainer.compile {'on' if use_compile else 'off'} ({why}); "
+             f"quant.compile {'on' if quant_compile else 'off'} ({quant_why})")
+    return use_compile, quant_compile, quant_cfg
+
+
 def train(cfg: DictConfig) -> dict:
     validate(cfg)
     start = time.perf_counter()
@@ -73,7 +91,7 @@ def train(cfg: DictConfig) -> dict:
     if finished is not None:
         return finished  # a re-run sweep skips the runs that are done
     accel = Accel(cfg.trainer, device)
-    use_compile, compile_backend, compile_mode = compile_settings(cfg.trainer)
+    compile_setting, compile_backend, compile_mode = compile_settings(cfg.trainer)
     seed_everything(cfg.seed)
 
     # Every rank holds the whole dataset (in-memory sets on the device); the twin's loaders
@@ -82,6 +100,7 @@ def train(cfg: DictConfig) -> dict:
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model, data.input_size)
     check_split(fp, boundaries, data.input_size)
+    layer_widths(fp, cfg.bits, cfg.model.name)  # a bits.layers glob that matches no layer fails before the partner trains
     with dist.rank_zero_first():  # trained once, on all the data, by rank 0; read from the cache by the others
         partner, partner_top1, partner_source = get_partner(fp, data, cfg, device)
     data.shard(dist.rank(), dist.world_size())
@@ -89,7 +108,9 @@ def train(cfg: DictConfig) -> dict:
     # Twin training must not depend on whether the partner was trained or loaded.
     seed_everything(cfg.seed)
     data.train.reseed(cfg.seed)
-    twin = make_twin(partner, cfg.quant, cfg.bits)
+    updates = len(data.train) if cfg.trainer.limit_train_batches is None else min(len(data.train), cfg.trainer.limit_train_batches)
+    use_compile, quant_compile, quant_cfg = choose_compile(cfg, compile_setting, compile_backend, updates * cfg.trainer.epochs, device)
+    twin = make_twin(partner, quant_cfg, cfg.bits)
     set_bn_eps(twin, cfg.twin.bn_eps)
     if distributed and cfg.trainer.get("sync_bn", True):
         twin = dist.convert_sync_batchnorm(twin, device)
@@ -97,7 +118,6 @@ def train(cfg: DictConfig) -> dict:
                                             example_input=data.input_size))
     optimizer = hydra.utils.instantiate(cfg.optim.optimizer)(hybrid.twin)
     keep_scales_positive(optimizer, hybrid.twin)  # step sizes stay >= their floor (bqat.quant.base)
-    updates = len(data.train) if cfg.trainer.limit_train_batches is None else min(len(data.train), cfg.trainer.limit_train_batches)
     scheduler = build_scheduler(optimizer, cfg, updates)
 
     # Quantizer step sizes are initialised from a batch before the optimizer sees them.
@@ -113,6 +133,9 @@ def train(cfg: DictConfig) -> dict:
 
     if use_compile:  # after initialisation and resume: the graphs see initialised quantizers
         compile_blocks(hybrid, backend=compile_backend, mode=compile_mode)
+        accel.use_compiled("trainer.compile", compile_mode)
+    elif quant_compile:
+        accel.use_compiled("quant.compile")
     task = dist.DistributedTask(hybrid, device) if distributed else hybrid
 
     # Rank 0 alone writes. Resuming drops the events logged after the checkpoint (they are trained again).
@@ -163,11 +186,16 @@ def train(cfg: DictConfig) -> dict:
         "weight_decay": float(cfg.optim.optimizer.get("weight_decay", 0.0)),
         "first_step_loss": state.first_step_loss,
         "precision": str(cfg.trainer.get("precision", "fp32")),
-        "compile": use_compile,
+        "compile": use_compile,  # trainer.compile as chosen (auto resolved)
+        "quant_compile": quant_compile,  # quant.compile as chosen: the quantizer cores compiled on their own
+        "compile_cost_s": None if accel.compile_cost_s is None else round(accel.compile_cost_s, 1),
         # Stability recipe of low-bit depthwise twins (README, "Models and blocks").
         "depthwise": str(cfg.bits.get("depthwise", "same")),
         "twin_bn_eps": cfg.twin.bn_eps,
         "clip_grad": cfg.trainer.get("clip_grad"),
+        # Per-layer precision and what it costs (bqat.quant.size says what counts).
+        "bits_layers": OmegaConf.to_container(cfg.bits.layers, resolve=True) if cfg.bits.get("layers") else None,
+        **model_size(hybrid.twin, layer_macs(partner, data.input_size)),
     }
     if is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -190,7 +218,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console script `bqat-train` and `python -m bqat.train`."""
-    sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(sys.argv[1:]))
+    sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(unquote_layer_globs(sys.argv[1:])))
     with one_line_hydra_errors():
         if show_sweep_config(sys.argv[1:], CONF_DIR):  # `-m ... --cfg hydra`, which Hydra 1.3 refuses
             return

@@ -4,11 +4,13 @@
     python scripts/report.py RUN_DIR [RUN_DIR ...] --name NAME [--out outputs/reports]
 
 Reads every `metrics.json` below the given folders (never a log) and writes
-`<out>/<NAME>/results.csv`, `results.md` and `top1_vs_bits.png`.
+`<out>/<NAME>/results.csv`, `results.md` and `top1_vs_bits.png`, and `top1_vs_size.png`
+when the runs differ in model size (`weight_bits`, e.g. per-layer precision with bits.layers).
 
 One row per cell: data x model x quantizer x schedule x bits x first/last policy x epochs
 x learning rate x loss settings (every `loss.*` key that acts under the run's schedule, so
-an objective ablation gets one row per variant). Runs of a cell that differ only in seed
+an objective ablation gets one row per variant) x model size in bits (runs with other
+per-layer widths, bits.layers, are other cells). Runs of a cell that differ only in seed
 are aggregated (mean and sample std of the LP top-1, and each seed's value). Each row
 carries the FP partner's top-1, the LP twin's top-1, its difference from the same cell with
 schedule `none` (plain QAT, no block replacement, with the same partner distillation), the
@@ -35,14 +37,16 @@ import yaml  # noqa: E402
 from bqat.errors import UserError  # noqa: E402
 
 # What makes two runs the same cell (seeds are aggregated over).
-KEY = ("data", "model", "quant", "schedule", "bits_w", "bits_a", "first_last", "epochs", "lr", "w_kd", "loss")
+KEY = ("data", "model", "quant", "schedule", "bits_w", "bits_a", "first_last", "epochs", "lr", "w_kd", "loss", "weight_bits")
 REQUIRED = ("top1", "model", "quant", "schedule", "bits_w", "bits_a", "first_last", "epoch")
 BASELINE_SCHEDULE = "none"
 PLOT_NAME = "top1_vs_bits.png"
+SIZE_PLOT_NAME = "top1_vs_size.png"
 
 COLUMNS = (
     "data", "model", "quant", "schedule", "method", "bits_w", "bits_a", "first_last", "epochs", "lr", "w_kd", "loss",
-    "n_seeds", "seeds", "top1_by_seed", "fp_top1", "top1", "top1_std", "best_top1", "delta_vs_none", "train_s", "wall_s",
+    "weight_bits", "avg_weight_bits", "n_seeds", "seeds", "top1_by_seed", "fp_top1", "top1", "top1_std", "best_top1", "delta_vs_none",
+    "train_s", "wall_s",
     "published_top1", "published_fp_top1", "published_method", "published_source", "run_dirs",
 )
 
@@ -132,6 +136,9 @@ def record(metrics: dict, run_dir: Path) -> dict:
         "w_kd": float(loss["w_kd"]),
         "T": float(loss["T"]),
         "loss": loss_label(loss),
+        "weight_bits": metrics.get("weight_bits"),  # None in runs written before bqat measured it
+        "avg_weight_bits": metrics.get("avg_weight_bits"),
+        "mixed": bool(metrics.get("bits_layers")),
         "seed": metrics.get("seed"),
         "top1": float(metrics["top1"]),
         "best_top1": metrics.get("best_top1"),
@@ -182,6 +189,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
             train_s=mean_or_none(r["train_s"] for r in group),
             wall_s=mean_or_none(r["wall_s"] for r in group),
             run_dirs=";".join(sorted(r["run_dir"] for r in group)),
+            avg_weight_bits=group[0]["avg_weight_bits"],
+            mixed=group[0]["mixed"],
         )
         rows.append(row)
     rows.sort(key=sort_key)
@@ -301,12 +310,15 @@ def write_markdown(rows: list[dict], sources: dict[str, str], path: Path, name: 
             ref = used.index(r["published_source"]) + 1
             fp = f", FP {fmt(float(r['published_fp_top1']))}" if r["published_fp_top1"] is not None else ""
             published = f"{fmt(float(r['published_top1']))} ({r['published_method']}{fp}) [{ref}]"
+        bits = f"W{r['bits_w']}A{r['bits_a']}" + (f" + bits.layers ({r['avg_weight_bits']:.2f} b/weight)" if r["mixed"] else "")
         lines.append(
-            f"| {r['data']} | {r['model']} | W{r['bits_w']}A{r['bits_a']} | {r['first_last']} | {r['method']} | "
+            f"| {r['data']} | {r['model']} | {bits} | {r['first_last']} | {r['method']} | "
             f"{r['epochs']} | {lr} | {r['seeds']} | {fmt(r['fp_top1']) or '—'} | {lp} | {delta} | {fmt(r['train_s'], 0) or '—'} | "
             f"{fmt(r['wall_s'], 0) or '—'} | {published} |"
         )
     lines += ["", f"![top-1 vs bits]({PLOT_NAME})", ""]
+    if sizes_differ(rows):
+        lines += [f"![top-1 vs size]({SIZE_PLOT_NAME})", ""]
     if used:
         lines += ["Published numbers:", ""] + [f"{i}. {sources[s]}" for i, s in enumerate(used, start=1)] + [""]
     path.write_text("\n".join(lines))
@@ -359,6 +371,49 @@ def plot(rows: list[dict], path: Path, name: str) -> None:
     plt.close(fig)
 
 
+def sizes_differ(rows: list[dict]) -> bool:
+    return len({r["weight_bits"] for r in rows if r["weight_bits"] is not None}) > 1
+
+
+def plot_size(rows: list[dict], path: Path, name: str) -> None:
+    """Top-1 vs model size (weight_bits, in MB): one panel per data x model, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["weight_bits"] is not None:
+            panels[(r["data"], r["model"])].append(r)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, ((data, model), panel) in zip(axes[0], sorted(panels.items())):
+        series: dict[tuple, list[dict]] = defaultdict(list)
+        for r in panel:
+            series[(r["method"], r["epochs"])].append(r)
+        several_budgets = len({r["epochs"] for r in panel}) > 1
+        for (method, epochs), points in sorted(series.items()):
+            points.sort(key=lambda r: r["weight_bits"])
+            sizes = [r["weight_bits"] / 8e6 for r in points]
+            ax.errorbar(sizes, [r["top1"] for r in points], yerr=[r["top1_std"] or 0.0 for r in points], marker="o", capsize=3,
+                        label=f"{method} ({epochs} ep)" if several_budgets else method)
+            for r, size in zip(points, sizes):
+                label = f"W{r['bits_w']}A{r['bits_a']}" + ("+mix" if r["mixed"] else "") + f" fl{r['first_last']}"
+                ax.annotate(label, (size, r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        fp = mean_or_none(r["fp_top1"] for r in panel)
+        if fp is not None:
+            ax.axhline(fp, color="grey", linestyle=":", label=f"FP partner ({fp:.2f})")
+        ax.set_xlabel("weight size (MB: weight_bits / 8e6)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{model} on {data}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -376,6 +431,8 @@ def report(dirs: list[Path], name: str, out: Path, published: Path | None = None
     write_csv(rows, folder / "results.csv")
     write_markdown(rows, sources, folder / "results.md", name, len(runs), dirs)
     plot(rows, folder / PLOT_NAME, name)
+    if sizes_differ(rows):
+        plot_size(rows, folder / SIZE_PLOT_NAME, name)
     return folder
 
 
@@ -391,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"report: error: {err}", file=sys.stderr)
         return 2
-    print(f"report: wrote {folder}/results.csv, results.md, {PLOT_NAME}")
+    extra = f", {SIZE_PLOT_NAME}" if (folder / SIZE_PLOT_NAME).is_file() else ""
+    print(f"report: wrote {folder}/results.csv, results.md, {PLOT_NAME}{extra}")
     return 0
 
 

@@ -289,3 +289,20 @@ def test_every_data_option_composes(compose_cfg, name, in_memory, classes):
     cfg = compose_cfg(f"data={name}", "data.root=/somewhere")
     assert (cfg.data.name, cfg.data.in_memory, cfg.data.num_classes) == (name, in_memory, classes)
     assert len(cfg.data.mean) == len(cfg.data.std) == 3 and cfg.data.cache_dir.startswith("outputs/")
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
+def test_drop_last_keeps_training_shapes_static_and_false_keeps_every_image(cifar_on_disk, in_memory):
+    root, _, _ = cifar_on_disk  # 30 train images, batches of 8
+    for drop_last, sizes in ((True, [8, 8, 8]), (False, [8, 8, 8, 6])):
+        data = build_data(data_cfg("cifar10", root / "python", in_memory=in_memory, drop_last=drop_last), seed=0)
+        assert [len(y) for _, y in data.train] == sizes and len(data.train) == len(sizes)
+        assert [len(y) for _, y in data.val] == [8, 8, 4]  # validation never drops a batch
+    digits = OmegaConf.load(CONF / "data" / "digits.yaml")
+    assert digits.drop_last is True and all(OmegaConf.load(f).drop_last is True for f in (CONF / "data").glob("*.yaml"))
+    digits.drop_last = False
+    train = build_data(digits).train
+    assert sum(len(y) for _, y in train) == len(train.labels) and len(train.labels) % digits.batch_size  # none dropped
+    digits.drop_last = "yes"
+    with pytest.raises(UserError, match="data.drop_last must be true or false"):
+        build_data(digits)

@@ -21,6 +21,17 @@ DATASETS = Registry("data")
 register_dataset = DATASETS.register
 
 
+def host_to(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor (batch indices, random draws) on `device` without a host sync.
+
+    A plain copy to CUDA from pageable memory waits for the GPU to finish its queued work,
+    which would stall the training loop every batch; from pinned memory it is only queued.
+    """
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Per-image random translation by up to `pad` pixels (zero fill), optional h-flip; batched.
 
@@ -32,11 +43,11 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
     rows = torch.arange(h, device=dev).expand(b, h)
     cols = torch.arange(w, device=dev).expand(b, w)
     if pad:
-        rows = rows + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
-        cols = cols + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
+        rows = rows + host_to(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)[:, None]
+        cols = cols + host_to(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)[:, None]
         x = F.pad(x, (pad, pad, pad, pad))
     if flip:
-        mirrored = (torch.rand(b, generator=generator) < 0.5).to(dev)[:, None]
+        mirrored = host_to(torch.rand(b, generator=generator) < 0.5, dev)[:, None]
         cols = torch.where(mirrored, cols.flip(1), cols)
     x = x.gather(2, rows[:, None, :, None].expand(b, c, h, x.shape[3]))
     return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
@@ -92,7 +103,7 @@ class TensorLoader:
             batch = idx[start : start + global_batch]
             if self.drop_last and len(batch) < global_batch:
                 break
-            batch = batch.to(self.images.device)
+            batch = host_to(batch, self.images.device)
             x, y = self.images[batch], self.labels[batch]
             if self.augment is not None:
                 x = self.augment(x, self.generator)
@@ -103,6 +114,16 @@ class TensorLoader:
             if self.transform is not None:
                 x = self.transform(x)
             yield x, y
+
+
+def train_drop_last(cfg) -> bool:
+    """`data.drop_last` (default true): the training loader drops the last incomplete batch, so
+    every step sees the same shapes (one compiled graph, one CUDA graph; no recompile at the
+    end of each epoch). Validation never drops a batch."""
+    value = cfg.get("drop_last", True)
+    if not isinstance(value, bool):
+        raise UserError(f"data.drop_last must be true or false, got {value!r}")
+    return value
 
 
 @dataclass

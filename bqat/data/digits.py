@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bqat.data.base import Data, TensorLoader, random_crop_flip, register_dataset, stratified_split
+from bqat.data.base import Data, TensorLoader, random_crop_flip, register_dataset, stratified_split, train_drop_last
 
 
 @register_dataset("digits")
@@ -24,6 +24,6 @@ def digits(cfg, seed: int = 0, device=None) -> Data:
     def augment(x, g):
         return random_crop_flip(x, pad, flip=False, generator=g)
 
-    train = TensorLoader(images[tr], labels[tr], cfg.batch_size, shuffle=True, drop_last=True, augment=augment, seed=seed)
+    train = TensorLoader(images[tr], labels[tr], cfg.batch_size, shuffle=True, drop_last=train_drop_last(cfg), augment=augment, seed=seed)
     val = TensorLoader(images[va], labels[va], cfg.batch_size)
     return Data(train, val, 10, (3, cfg.image_size, cfg.image_size), "digits")

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from bqat.data.base import TensorLoader, random_crop_flip
+from bqat.data.base import TensorLoader, random_crop_flip, train_drop_last
 from bqat.errors import UserError
 
 
@@ -49,7 +49,8 @@ def memory_loaders(train_x, train_y, val_x, val_y, *, cfg, pad, seed, device) ->
         return random_crop_flip(x, pad, flip=True, generator=g)
 
     common = dict(transform=normalize, seed=seed)
-    train = TensorLoader(train_x.to(device), train_y.to(device), cfg.batch_size, shuffle=True, drop_last=True, augment=augment, **common)
+    train = TensorLoader(train_x.to(device), train_y.to(device), cfg.batch_size, shuffle=True, drop_last=train_drop_last(cfg),
+                         augment=augment, **common)
     val = TensorLoader(val_x.to(device), val_y.to(device), cfg.batch_size, **common)
     return train, val
 
@@ -79,11 +80,11 @@ class ShardSampler(Sampler):
 
 
 def stream_pair(train: Dataset, val: Dataset, *, cfg, seed, device) -> tuple["StreamLoader", "StreamLoader"]:
-    """Train (shuffled, last partial batch dropped) and val StreamLoaders at `cfg.batch_size`,
-    with `cfg.num_workers` workers and pinned memory when training on CUDA."""
+    """Train (shuffled, last partial batch dropped unless data.drop_last=false) and val StreamLoaders at
+    `cfg.batch_size`, with `cfg.num_workers` workers and pinned memory when training on CUDA."""
     pin = torch.device(device or "cpu").type == "cuda"
     common = dict(seed=seed, num_workers=stream_workers(cfg), pin_memory=pin)
-    return (StreamLoader(train, cfg.batch_size, shuffle=True, drop_last=True, **common),
+    return (StreamLoader(train, cfg.batch_size, shuffle=True, drop_last=train_drop_last(cfg), **common),
             StreamLoader(val, cfg.batch_size, **common))
 
 
