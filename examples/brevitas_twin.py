@@ -4,7 +4,7 @@ replacement. The twin is the same network as the FP partner, built from Brevitas
 named by module.
 
     python examples/brevitas_twin.py             # digits, CPU, under a minute (pip install bqat[brevitas])
-    python examples/brevitas_twin.py --batches 2  # a smoke run (what the tests do)
+    python examples/brevitas_twin.py --batches 2 --batch-size 16   # a smoke run (what the tests do)
 """
 
 import argparse
@@ -29,14 +29,14 @@ def cnn(conv=nn.Conv2d, act=nn.ReLU, linear=nn.Linear) -> nn.Sequential:
                                      head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear(128, 10))))
 
 
-def digits(size: int = 16):
+def digits(size: int = 16, batch_size: int = 64):
     """(train, val) batches of scikit-learn's 8x8 digits, upsampled, 3 channels."""
     d = load_digits()
     x = F.interpolate(torch.tensor(d.images, dtype=torch.float32)[:, None] / 16, size=size, mode="bilinear").expand(-1, 3, -1, -1)
     x, y = (x - x.mean()) / x.std(), torch.tensor(d.target)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, val = perm[:1500], perm[1500:]
-    return list(zip(x[train].split(64), y[train].split(64))), list(zip(x[val].split(64), y[val].split(64)))
+    return list(zip(x[train].split(batch_size), y[train].split(batch_size))), list(zip(x[val].split(batch_size), y[val].split(batch_size)))
 
 
 def top1(model, batches) -> float:
@@ -51,9 +51,10 @@ def main(argv=None) -> dict:
     args.add_argument("--epochs", type=int, default=4)
     args.add_argument("--bits", type=int, default=3)
     args.add_argument("--batches", type=int, default=None, help="at most this many batches per epoch")
+    args.add_argument("--batch-size", type=int, default=64)
     args = args.parse_args(argv)
     torch.manual_seed(0)
-    train, val = digits()
+    train, val = digits(batch_size=args.batch_size)
     train, val = train[: args.batches], val[: args.batches]
 
     partner = cnn()

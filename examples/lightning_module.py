@@ -3,7 +3,7 @@ torchvision's ResNet-18, which flattens in its `forward`, so a callable cuts it 
 twin is bqat's (W4A4 here).
 
     python examples/lightning_module.py             # digits, CPU, under a minute (pip install bqat[lightning])
-    python examples/lightning_module.py --batches 2  # a smoke run (what the tests do)
+    python examples/lightning_module.py --batches 2 --batch-size 16   # a smoke run (what the tests do)
 """
 
 import argparse
@@ -57,13 +57,13 @@ def digits(size: int = 16):
     return TensorDataset(x[perm[:1500]], y[perm[:1500]]), TensorDataset(x[perm[1500:]], y[perm[1500:]])
 
 
-def train_partner(data: TensorDataset, epochs: int, batches: int | None) -> nn.Module:
+def train_partner(data: TensorDataset, epochs: int, batches: int | None, batch_size: int) -> nn.Module:
     """The FP network, trained as usual (a plain loop here; any trainer will do)."""
     model = torchvision.models.resnet18(num_classes=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     for _ in range(epochs):
-        for i, (x, y) in enumerate(DataLoader(data, batch_size=64, shuffle=True)):
+        for i, (x, y) in enumerate(DataLoader(data, batch_size=batch_size, shuffle=True)):
             if batches is not None and i >= batches:
                 break
             opt.zero_grad()
@@ -76,14 +76,15 @@ def main(argv=None) -> dict:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--epochs", type=int, default=2)
     args.add_argument("--batches", type=int, default=None, help="at most this many batches per epoch")
+    args.add_argument("--batch-size", type=int, default=64)
     args = args.parse_args(argv)
     L.seed_everything(0, verbose=False)
     train, val = digits()
-    module = BlockReplacementModule(train_partner(train, args.epochs, args.batches))
+    module = BlockReplacementModule(train_partner(train, args.epochs, args.batches, args.batch_size))
     trainer = L.Trainer(max_epochs=args.epochs, limit_train_batches=args.batches or 1.0, limit_val_batches=args.batches or 1.0,
                         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(module, DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=64))
+    trainer.fit(module, DataLoader(train, batch_size=args.batch_size, shuffle=True), DataLoader(val, batch_size=args.batch_size))
     result = {k: float(v) for k, v in trainer.callback_metrics.items()}
     print("  ".join(f"{k} {v:.2f}" for k, v in sorted(result.items()) if k.startswith("val/")))
     return result

@@ -3,7 +3,7 @@ and the same loop you would write for plain QAT. The lines marked `# bqat` are a
 costs; everything else is ordinary PyTorch.
 
     python examples/plain_loop.py            # scikit-learn's digits at 16x16, CPU, under a minute
-    python examples/plain_loop.py --batches 2   # a smoke run (what the tests do)
+    python examples/plain_loop.py --batches 2 --batch-size 16   # a smoke run (what the tests do)
 """
 
 import argparse
@@ -16,14 +16,14 @@ from sklearn.datasets import load_digits
 from bqat import BlockReplacement, keep_scales_positive, make_twin  # bqat
 
 
-def digits(size: int = 16):
+def digits(size: int = 16, batch_size: int = 64):
     """(train, val) batches of scikit-learn's 8x8 digits, upsampled, 3 channels."""
     d = load_digits()
     x = F.interpolate(torch.tensor(d.images, dtype=torch.float32)[:, None] / 16, size=size, mode="bilinear").expand(-1, 3, -1, -1)
     x, y = (x - x.mean()) / x.std(), torch.tensor(d.target)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, val = perm[:1500], perm[1500:]
-    return list(zip(x[train].split(64), y[train].split(64))), list(zip(x[val].split(64), y[val].split(64)))
+    return list(zip(x[train].split(batch_size), y[train].split(batch_size))), list(zip(x[val].split(batch_size), y[val].split(batch_size)))
 
 
 def top1(model, batches) -> float:
@@ -37,9 +37,10 @@ def main(argv=None) -> dict:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--epochs", type=int, default=2)
     args.add_argument("--batches", type=int, default=None, help="at most this many batches per epoch")
+    args.add_argument("--batch-size", type=int, default=64)
     args = args.parse_args(argv)
     torch.manual_seed(0)
-    train, val = digits()
+    train, val = digits(batch_size=args.batch_size)
     train, val = train[: args.batches], val[: args.batches]
 
     # The FP network, trained as usual: it becomes the frozen partner.

@@ -1,4 +1,4 @@
-"""examples/ run (a smoke run each: two batches, one epoch), in this process to share the imports."""
+"""examples/ run (a smoke run each: two batches of 16, one epoch), in this process to share the imports."""
 
 import importlib.util
 import math
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 
-SMOKE = ["--batches", "2", "--epochs", "1"]
+SMOKE = ["--batches", "2", "--epochs", "1", "--batch-size", "16"]
 
 
 def run_example(name: str) -> dict:
