@@ -73,6 +73,9 @@ def validate(cfg: DictConfig) -> None:
     clip = cfg.trainer.get("clip_grad")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise UserError(f"trainer.clip_grad must be a positive number or null, got {clip!r}")
+    resume = cfg.get("resume", True)
+    if not isinstance(resume, bool) and resume != "best":
+        raise UserError(f"resume must be true, false or best, got {resume!r}")
     _check_int(cfg.trainer.epochs, "trainer.epochs", 0, "an integer >= 0")
     _check_int(cfg.partner.epochs, "partner.epochs", 0, "an integer >= 0")
     _check_int(cfg.data.batch_size, "data.batch_size", 1, "an integer of at least 1")

@@ -8,6 +8,8 @@ loss is applied (bqat.guard: decided on the device with a fused optimizer, repor
 the next log step); every step checks whether a stop signal arrived (bqat.preempt): then
 it calls `on_stop` (the caller saves) and raises `Preempted`. Between log steps a step
 reads nothing back from the device, so a compiled (CUDA-graph) step never waits for it.
+Every file is written atomically (`atomic_write`): a kill, a second Ctrl-C or a full disk
+leaves the old one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bqat import dist, preempt
 from bqat.accel import Accel
-from bqat.errors import UserError
+from bqat.errors import UserError, WriteError
 from bqat.guard import BadStep, UpdateGuard
 
 log = logging.getLogger("bqat")
@@ -141,8 +143,8 @@ def train_epoch(task, loader, optimizer, scheduler, state: FitState, *, epochs: 
                 accel.compile_cost_s, accel.clock, clock = cost, None, None
         if progress is not None:
             progress.advance(bar)
-        if preempt.requested():
-            read_back(False)  # nothing refused may be saved; ranks may stop at different steps: no collective
+        if preempt.requested(distributed):  # under DDP the ranks agree: all stop after this step
+            read_back(False)  # nothing refused may be saved
             return True
     return False
 
@@ -248,7 +250,8 @@ def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: Fi
     guard = UpdateGuard(optimizer, device)
     log.info(f"{desc}: finite-loss guard {guard.kind}")
     n_train = num_batches(data.train, cfg.limit_train_batches)
-    with make_progress(bool(cfg.progress) and dist.is_main()) as progress:
+    # Stop signals wait for the end of the current step (bqat.preempt).
+    with preempt.deferred(), make_progress(bool(cfg.progress) and dist.is_main()) as progress:
         overall = progress.add_task(f"{desc} epochs", total=epochs, completed=state.epoch, info="")
         for epoch in range(state.epoch, epochs):
             bar = progress.add_task(f"{desc} {epoch + 1}/{epochs}", total=n_train, info="")
@@ -275,31 +278,62 @@ def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: Fi
             progress.remove_task(bar)
             if on_epoch_end is not None:
                 on_epoch_end(state, improved)
-            if preempt.requested():  # arrived during evaluation
+            if preempt.requested(distributed):  # arrived during evaluation
                 raise stop(state, desc, on_stop)
     return state
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file, flush it to disk, then rename over `path`."""
+def atomic_write(path: str | Path, write: Callable, hint: str = "") -> None:
+    """`write(f)` into a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    Readers see the old file or the new one, never a torn one, whatever stops the process
+    (kill -9, a second Ctrl-C, a full disk). A failing write (no space, quota, I/O error)
+    raises WriteError: one line naming `path` and the error; the old file stays as it was.
+    `hint` ends that line (say what else can be done, e.g. another cache folder).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a torn one
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # one system call: the old file or the new one, nothing between
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        # Make the rename itself durable (a crash right after must not bring the old name back).
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        raise WriteError(path, err, hint) from None
+    except RuntimeError as err:  # torch's writer can wrap the OSError of a failed write
+        if isinstance(err.__context__, OSError):
+            raise WriteError(path, err.__context__, hint) from None
         raise
-    # Make the rename itself durable (a crash right after must not bring the old name back).
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+def atomic_save(obj, path: str | Path, hint: str = "") -> None:
+    """torch.save through `atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f), hint)
+
+
+def atomic_write_text(path: str | Path, text: str, hint: str = "") -> None:
+    """A text file (metrics.json) through `atomic_write`."""
+    atomic_write(path, lambda f: f.write(text.encode()), hint)
+
+
+class UnreadableCheckpoint(UserError):
+    """A checkpoint file that cannot be read back (torn, empty, not a checkpoint); `reason` says why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot load checkpoint {path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -315,5 +349,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"cannot load checkpoint {path}: not a plain weights file ({what}); refused without running it. "
                         "If you trust its source, re-save only its tensors (a state_dict)") from err
     except Exception as err:  # noqa: BLE001 - any other failure is the file's fault (torn, not a checkpoint)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load checkpoint {path}: not a readable checkpoint ({first[:200]})") from err
+        raise UnreadableCheckpoint(path, unreadable_reason(path, err)) from err
+
+
+def unreadable_reason(path: Path, err: Exception) -> str:
+    """Why torch could not read `path`, in a few whole words (torch's own text is a paragraph)."""
+    size = path.stat().st_size if path.exists() else 0
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    text = " ".join(str(err).split())
+    if "central directory" in text or isinstance(err, EOFError):
+        return f"the file is truncated or corrupt ({size} bytes; not a complete torch archive)"
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0] if text else ""  # a whole sentence, never cut
+    return f"not a readable checkpoint ({type(err).__name__}{': ' + first if first else ''})"

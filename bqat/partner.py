@@ -171,7 +171,8 @@ def cached_partner(model: nn.Module, data, cfg, device) -> tuple[nn.Module, floa
         log.info(f"partner: training {cfg.model.name} for {cfg.partner.epochs} epochs, cached at {cache}")
         model.to(device)
         top1 = train_partner(model, data, cfg, device)
-        atomic_save({"state_dict": model.state_dict(), "top1": top1, "key": cache.stem}, cache)
+        atomic_save({"state_dict": model.state_dict(), "top1": top1, "key": cache.stem}, cache,
+                    hint=" (the partner trains again), or cache partners elsewhere: partner.cache_dir=<folder>")
     finally:
         lock.release()
     return model, top1, str(cache)

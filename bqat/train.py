@@ -6,6 +6,8 @@ data -> FP model -> partner -> twin -> BlockReplacement -> fit -> metrics.json.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import random
@@ -21,15 +23,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 
 from bqat import config as _config  # noqa: F401  (registers the run-name resolver)
 from bqat import dist
 from bqat.accel import Accel, auto_compile, compile_blocks, compile_settings
 from bqat.config import conf_dir, quote_numeric_groups, unquote_layer_globs, validate
 from bqat.data import build_data
-from bqat.engine import FitState, fit, resolve_device
-from bqat.errors import UserError, fail, one_line_hydra_errors
+from bqat.engine import FitState, atomic_write_text, fit, resolve_device
+from bqat.errors import UserError, WriteError, fail, one_line_hydra_errors
+from bqat.events import RunWriter
 from bqat.launch import show_sweep_config
 from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
@@ -40,6 +42,7 @@ from bqat.quant.twin import layer_widths, weights_per_channel
 from bqat.replace import BlockReplacement
 from bqat.report_console import print_summary
 from bqat.resume import RunCheckpoint, prepare_run_dir
+from bqat.runlock import hold_run_folder
 
 log = logging.getLogger("bqat")
 
@@ -80,12 +83,18 @@ def choose_compile(cfg: DictConfig, setting, backend: str, planned_steps: int, d
 
 
 def train(cfg: DictConfig) -> dict:
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
+        return run_training(cfg, held)
+
+
+def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
     validate(cfg)
     start = time.perf_counter()
     dist.check_launch(HydraConfig.get().mode == RunMode.MULTIRUN)
     device = dist.setup(resolve_device(cfg.trainer.device))  # joins torchrun's process group, if any
     distributed, is_main = dist.is_distributed(), dist.is_main()
     run_dir = dist.agree_run_dir(Path(HydraConfig.get().runtime.output_dir))
+    held.enter_context(hold_run_folder(run_dir))  # before anything in the folder is touched (bqat.runlock)
     with dist.rank_zero_first():  # rank 0 sets an earlier run aside before the others look
         finished = prepare_run_dir(run_dir, cfg)
     if finished is not None:
@@ -139,13 +148,15 @@ def train(cfg: DictConfig) -> dict:
     task = dist.DistributedTask(hybrid, device) if distributed else hybrid
 
     # Rank 0 alone writes. Resuming drops the events logged after the checkpoint (they are trained again).
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=None if resumed_from is None else state.step + 1) if is_main else None
+    writer = RunWriter(str(run_dir / "tb"), purge_step=None if resumed_from is None else state.step + 1) if is_main else None
     if writer is not None:
+        held.callback(writer.close_quietly)  # stopped early: the events up to the stop reach the disk
         writer.add_scalar("partner/top1", partner_top1, 0)
 
     def on_epoch_end(state: FitState, improved: bool) -> None:
         if not is_main:
             return
+        writer.flush()  # a failed event write (from its thread) ends the run here at the latest
         ckpt.save(state, best=improved)
         for name, module in hybrid.twin.named_modules():  # learned grids: LSQ's s, PACT's alpha / L, ...
             if isinstance(module, Quantizer) and next(module.parameters(recurse=False), None) is not None:
@@ -198,20 +209,30 @@ def train(cfg: DictConfig) -> dict:
         **model_size(hybrid.twin, layer_macs(partner, data.input_size)),
     }
     if is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print_summary(metrics, run_dir)
     dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return metrics
 
 
+# A full or failing disk, wherever it shows: one line, never a traceback.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
     try:
-        with stop_on_signals():  # SIGTERM/SIGUSR1: finish the step, save, exit
+        with stop_on_signals():  # SIGINT/SIGTERM/SIGUSR1: finish the step, save, exit
             train(cfg)
     except UserError as err:
         log.error(str(err))
         fail(str(err))
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            raise
+        error = WriteError(err.filename or "a file", err)  # one not written through bqat's writers
+        log.error(str(error))
+        fail(str(error))
     finally:
         dist.teardown()
 
@@ -219,10 +240,17 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console script `bqat-train` and `python -m bqat.train`."""
     sys.argv[1:] = dist.rank_overrides(quote_numeric_groups(unquote_layer_globs(sys.argv[1:])))
-    with one_line_hydra_errors():
-        if show_sweep_config(sys.argv[1:], CONF_DIR):  # `-m ... --cfg hydra`, which Hydra 1.3 refuses
-            return
-        hydra_main()
+    # A full disk fails train.log's writes too: no "--- Logging error ---" traceback per line,
+    # the one error line says it (bqat.errors.WriteError).
+    logging.raiseExceptions = False
+    try:
+        with one_line_hydra_errors():
+            if show_sweep_config(sys.argv[1:], CONF_DIR):  # `-m ... --cfg hydra`, which Hydra 1.3 refuses
+                return
+            hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C before a run started (while Hydra composes): nothing to save
+        print("bqat-train: interrupted outside a run (nothing in progress was lost)", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

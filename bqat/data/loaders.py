@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from bqat.data.base import TensorLoader, random_crop_flip, train_drop_last
 from bqat.errors import UserError
+from bqat.preempt import leave_signals_to_the_main_process
 
 
 def normalizer(mean, std, device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -111,6 +112,7 @@ class StreamLoader:
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last, num_workers=int(num_workers),
             pin_memory=bool(pin_memory), persistent_workers=int(num_workers) > 0,
             generator=torch.Generator().manual_seed(0),  # workers' base seed: unused, and keeps torch's global RNG untouched
+            worker_init_fn=leave_signals_to_the_main_process,  # Ctrl-C reaches the workers too; the main process stops them
         )
 
     def reseed(self, seed: int) -> None:
