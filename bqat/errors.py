@@ -16,6 +16,11 @@ class UserError(Exception):
     """A mistake in the command, the config or the files it names; the message says what to do."""
 
 
+class BadArgument(UserError, ValueError):
+    """A bad argument to bqat's Python API (BlockReplacement, make_twin): a ValueError to a
+    library user's code, one line from `bqat-train`."""
+
+
 class WriteError(UserError):
     """Writing a file failed (disk full, quota, I/O error); the previous file at that path is intact."""
 

@@ -21,8 +21,9 @@ import contextlib
 import torch
 from torch import nn
 
-from bqat.errors import UserError
-from bqat.models.split import split_blocks
+from bqat.blocks import block_cut, check_blocks, check_names, probe, shared_parameter
+from bqat.config import loss_config, named_config
+from bqat.errors import BadArgument, UserError
 from bqat.objective import Objective, kd_loss, mix_weight  # noqa: F401  (kd_loss, mix_weight: public here too)
 from bqat.quant import quantizer_regularization
 from bqat.registry import Registry
@@ -177,21 +178,57 @@ def running_stats_frozen(model: nn.Module):
 
 
 class BlockReplacement(nn.Module):
-    """Trains `twin` (LP) with mixed paths through `partner` (FP, frozen, eval mode)."""
+    """Trains `twin` (low precision) with mixed paths through `partner` (full precision, frozen).
 
-    def __init__(self, twin: nn.Module, partner: nn.Module, boundaries, schedule_cfg, loss_cfg, seed: int = 0):
+    twin: any nn.Module whose forward is the low-precision network (bqat's `make_twin`, a
+      Brevitas model, the user's own quantized modules); `br.twin` is what you deploy.
+    partner: the FP network of the same architecture. It is frozen here: eval mode (BatchNorm
+      uses its running statistics) and requires_grad=False, while gradients flow through it
+      to its inputs. It must not share parameters with the twin.
+    blocks: None (bqat's automatic split, timm models), a list of lists of module names, or a
+      callable model -> list of callables applied to both models (bqat.blocks).
+    schedule: a name ('prefix', 'sampled', 'single', 'none'), a dict with a 'name' and its
+      options, or the `schedule` config; options missing come from conf/schedule/<name>.yaml.
+    loss: None, a dict or a DictConfig of some of conf/train.yaml's `loss` keys (the rest are
+      its defaults). seed: the generator of sampled schedules.
+    example_input: a batch (or its (C, H, W)) to check the blocks with at construction;
+      without it the partner's timm `pretrained_cfg` size, else the first batch, is used.
+
+    The check (bqat.blocks.check_blocks): chaining the blocks reproduces each model's forward,
+    and twin and partner agree in block count and output shapes; a mismatch is one ValueError
+    naming the block or module. It runs the twin only as a copy, so the twin is left as given.
+
+    `loss, logs = br.training_step(x, y)`; `br.evaluate(x)` -> logits of the twin ('lp') and
+    of each mixed path ('mixed_k'); `br.parameters()` -> the twin's trainable parameters only.
+    """
+
+    def __init__(self, twin: nn.Module, partner: nn.Module, blocks=None, schedule="prefix", loss=None, seed: int = 0,
+                 example_input=None):
         super().__init__()
+        shared = shared_parameter(twin, partner)
+        if shared is not None:
+            raise BadArgument(f"the twin shares parameter {shared!r} with the partner; the twin must be a copy (bqat.make_twin copies)")
         self.twin = twin
         self.partner = partner.eval()
         # Frozen: no updates and no weight gradients, but gradients flow through to inputs.
         for p in self.partner.parameters():
             p.requires_grad_(False)
-        self.lp_blocks = split_blocks(twin, boundaries)
-        self.fp_blocks = split_blocks(partner, boundaries)
-        self.n = len(boundaries)
-        self.schedule = build_schedule(schedule_cfg)
-        self.loss_cfg = loss_cfg
-        self.objective = Objective.from_cfg(loss_cfg)  # validated loss.* (bqat.objective)
+        x, guessed = probe(partner, example_input)
+        self.cut, self.block_names = block_cut(blocks, partner, None if x is None else tuple(x.shape[1:]))
+        if self.block_names is not None:
+            check_names(self.block_names, twin, "twin")
+            check_names(self.block_names, partner, "partner")
+        self.lp_blocks, self.fp_blocks = self.cut(twin), self.cut(partner)
+        if len(self.lp_blocks) != len(self.fp_blocks):
+            raise BadArgument(f"the blocks callable gives the twin {len(self.lp_blocks)} blocks and the partner "
+                              f"{len(self.fp_blocks)}; it must cut both models alike")
+        # Checked now if a probe size is known, else on the first batch (check_once).
+        self.checked = x is not None and check_blocks(self.cut, twin, partner, x, guessed=guessed)
+        self.n = len(self.lp_blocks)
+        self.schedule_cfg = named_config("schedule", schedule, "schedule")
+        self.schedule = build_schedule(self.schedule_cfg)
+        self.loss_cfg = loss_config(loss)  # one form (a DictConfig over conf/train.yaml's loss) for every caller
+        self.objective = Objective.from_cfg(self.loss_cfg)  # validated loss.* (bqat.objective)
         self.progress = 0.0  # fraction of training done, set by the engine (w_mix decay)
         self.generator = torch.Generator().manual_seed(seed)
         # What run_paths calls for 'q' and 'f': the blocks, or compiled versions (bqat.accel).
@@ -202,6 +239,25 @@ class BlockReplacement(nn.Module):
         # rows. None: on CUDA (launch-bound) only; on a CPU that backward costs more than a call.
         self.batch_fp_path: bool | None = None
         self.partner_block_calls = 0  # partner-block calls of the last step or run_paths (make bench reports it)
+
+    def check_once(self, x: torch.Tensor) -> None:
+        """The construction check, on the first batch, when no probe size was known then."""
+        if not self.checked:
+            self.checked = check_blocks(self.cut, self.twin, self.partner, x[:2].detach()) or True
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """The twin's trainable parameters only ('twin.<name>'): an optimizer built from the
+        wrapper can never update the partner. (Moving, state_dict and DDP still see both models.)"""
+        if not recurse:  # the wrapper itself owns no parameter
+            return
+        for name, p in self.twin.named_parameters(prefix=f"{prefix}.twin" if prefix else "twin", remove_duplicate=remove_duplicate):
+            if p.requires_grad:
+                yield name, p
+
+    def parameters(self, recurse: bool = True):
+        """The twin's trainable parameters only: `torch.optim.SGD(br.parameters(), ...)` trains the twin."""
+        for _, p in self.named_parameters(recurse=recurse):
+            yield p
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -260,6 +316,7 @@ class BlockReplacement(nn.Module):
         return [g for g in (trainable, fp_only) if g]
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.check_once(x)
         n, objective = self.n, self.objective
         lp_path, fp_path = "q" * n, "f" * n
         mixed = self.schedule.paths(n, self.generator)
@@ -281,6 +338,7 @@ class BlockReplacement(nn.Module):
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of the LP twin ('lp') and of every prefix mixed path ('mixed_k')."""
+        self.check_once(x)
         paths = ["q" * self.n] + [prefix_path(k, self.n) for k in range(1, self.n)]
         out = self.run_paths(x, paths)
         result = {"lp": out[paths[0]]}

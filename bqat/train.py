@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from bqat import config as _config  # noqa: F401  (registers the run-name resolver)
 from bqat import dist
 from bqat.accel import Accel, auto_compile, compile_blocks, compile_settings
-from bqat.config import quote_numeric_groups, unquote_layer_globs, validate
+from bqat.config import conf_dir, quote_numeric_groups, unquote_layer_globs, validate
 from bqat.data import build_data
 from bqat.engine import FitState, atomic_write_text, fit, resolve_device
 from bqat.errors import UserError, WriteError, fail, one_line_hydra_errors
@@ -46,9 +46,9 @@ from bqat.runlock import hold_run_folder
 
 log = logging.getLogger("bqat")
 
-# conf/ sits at the top level (DESIGN.md); an absolute path works for editable installs
-# whether the entry point is the console script or `python -m bqat.train`.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# conf/ sits at the top level of the repository (DESIGN.md) and ships inside the wheel
+# (bqat.config.conf_dir); an absolute path works for the console script and `python -m` alike.
+CONF_DIR = str(conf_dir())
 
 
 def seed_everything(seed: int) -> None:
@@ -123,7 +123,8 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
     set_bn_eps(twin, cfg.twin.bn_eps)
     if distributed and cfg.trainer.get("sync_bn", True):
         twin = dist.convert_sync_batchnorm(twin, device)
-    hybrid = accel.prepare(BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed))
+    hybrid = accel.prepare(BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed,
+                                            example_input=data.input_size))
     optimizer = hydra.utils.instantiate(cfg.optim.optimizer)(hybrid.twin)
     keep_scales_positive(optimizer, hybrid.twin)  # step sizes stay >= their floor (bqat.quant.base)
     scheduler = build_scheduler(optimizer, cfg, updates)

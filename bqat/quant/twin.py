@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import nn
 
+from bqat.config import bits_config, default_option, named_config
 from bqat.errors import UserError
 from bqat.quant.mixed import apply_patterns, describe, layer_patterns
 from bqat.quant.modules import QUANT_MODULES
@@ -145,8 +146,18 @@ def weights_per_channel(setting, model: nn.Module) -> bool:
     raise UserError(f"quant.per_channel must be true, false or auto, got {setting!r}")
 
 
-def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
-    """Deep copy of `fp` with quantized Conv2d/Linear layers, per the quant and bits configs."""
+def make_twin(fp: nn.Module, quant=None, bits=None) -> nn.Module:
+    """Deep copy of `fp` whose Conv2d/Linear layers quantize their weights and input activations.
+
+    `quant`: a quantizer name ('lsq', 'lsqplus', 'pact', 'dorefa', 'ewgs', 'none'), a dict with a
+    'name' and some of its options (`{"name": "lsq", "per_channel": True}`; the rest from
+    conf/quant/<name>.yaml), or the `quant` config. `bits`: an int (weights and activations),
+    a conf/bits option ('w2a4'), a dict of w, a, first_last, depthwise, or the `bits` config.
+    None: conf/train.yaml's defaults (lsq, W2A2 with the first conv and the classifier at 8 bits).
+    `fp` is left as it is; the twin's quantizers initialise from the first batch they see.
+    """
+    quant_cfg = named_config("quant", default_option("quant") if quant is None else quant, "quant")
+    bits_cfg = bits_config(default_option("bits") if bits is None else bits)
     twin = copy.deepcopy(fp)
     twin.train()
     for p in twin.parameters():
