@@ -10,10 +10,11 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # Re-install only when the project metadata changes; editable, so conf/ is found in place.
-$(STAMP): pyproject.toml
+# brevitas, lightning: the extras examples/ uses, so their tests run in CI.
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,export]"
+	$(BIN)/pip install -q -e ".[dev,export,brevitas,lightning]"
 	touch $(STAMP)
 
 train: install

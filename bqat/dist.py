@@ -36,6 +36,8 @@ from bqat.errors import UserError
 # Ranks other than 0 wait in a barrier while rank 0 trains the FP partner: allow for it.
 TIMEOUT = timedelta(hours=3)
 
+_cpu_group = None  # a gloo process group for small CPU-side agreements (set by `setup`)
+
 
 def launched_world_size() -> int:
     """WORLD_SIZE set by torchrun (1 when started directly)."""
@@ -79,10 +81,16 @@ def setup(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    global _cpu_group
+    # Control flags (a stop signal) travel over gloo, on the CPU: agreeing on them every step
+    # must not wait for the GPU's queue (the NCCL group's tensors live on the device).
+    _cpu_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else dist.group.WORLD
     return device
 
 
 def teardown() -> None:
+    global _cpu_group
+    _cpu_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -110,6 +118,15 @@ def rank_zero_first():
         dist.barrier()
 
 
+def from_rank_zero(obj):
+    """Rank 0's `obj` (picklable) on every rank; `obj` itself in a single process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -135,6 +152,17 @@ def any_across_ranks(flag: bool, device=None) -> bool:
     t = torch.tensor([int(bool(flag))], device=device or default_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def stop_signal_across_ranks(signum: int | None) -> int | None:
+    """The stop signal any rank received (the largest number if several), or None.
+
+    A blocking all-reduce of one integer on the CPU (gloo): it does not wait for the GPU."""
+    if not is_distributed():
+        return signum
+    t = torch.tensor([signum or 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return int(t.item()) or None
 
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -241,7 +269,7 @@ class _Step(nn.Module):
 
 
 class DistributedTask(nn.Module):
-    """A task (BlockReplacement, Classifier) whose training steps go through DDP.
+    """A task (bqat.task: BlockReplacement, PartnerTask) whose training steps go through DDP.
 
     Only parameters that require gradients (the twin's) are synchronised; the frozen
     partner is not. Evaluation runs the plain task; `bqat.engine.evaluate` sums the

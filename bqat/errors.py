@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import sys
 from contextlib import contextmanager
@@ -13,6 +14,24 @@ EXIT_USER_ERROR = 2
 
 class UserError(Exception):
     """A mistake in the command, the config or the files it names; the message says what to do."""
+
+
+class BadArgument(UserError, ValueError):
+    """A bad argument to bqat's Python API (BlockReplacement, make_twin): a ValueError to a
+    library user's code, one line from `bqat-train`."""
+
+
+class WriteError(UserError):
+    """Writing a file failed (disk full, quota, I/O error); the previous file at that path is intact."""
+
+    def __init__(self, path, err: OSError, hint: str = ""):
+        self.path, self.err = path, err
+        name = errno.errorcode.get(err.errno, "") if err.errno else ""
+        reason = f"{err.strerror or err}{f' ({name})' if name else ''}"
+        # Raised by the atomic writers, which replace a file by renaming a complete copy over
+        # it, and by the event writer, which only appends: what was at `path` stays whole.
+        super().__init__(f"cannot write {path}: {reason}; what was there before is kept. "
+                         f"Free space on that disk (or fix it) and re-run the same command{hint}")
 
 
 def fail(message: str) -> None:

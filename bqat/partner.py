@@ -28,7 +28,7 @@ from torch import nn
 from bqat.config import short_hash
 from bqat.engine import atomic_save, evaluate, fit, load_checkpoint
 from bqat.errors import UserError
-from bqat.replace import Classifier
+from bqat.task import PartnerTask
 
 log = logging.getLogger("bqat")
 
@@ -40,7 +40,9 @@ def cache_key(cfg) -> str:
     """Everything that changes the trained partner, and nothing else."""
     recipe = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in NOT_IN_KEY},
+        # data.drop_last=true is how partners were always trained: left out, so their caches stay valid.
+        "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+                 if k not in NOT_IN_KEY and not (k == "drop_last" and v is True)},
         "seed": cfg.seed,
         "partner": {k: cfg.partner[k] for k in ("epochs", "lr", "weight_decay")},
         "limit_train_batches": cfg.trainer.limit_train_batches,
@@ -117,10 +119,12 @@ def load_pretrained(model: nn.Module, cfg, num_classes: int, in_chans: int) -> d
 
 def train_partner(model: nn.Module, data, cfg, device) -> float:
     """Plain FP training with SGD + cosine: the partner's recipe (partner.epochs=0: evaluate only)."""
-    task = Classifier(model).to(device)
+    task = PartnerTask(model).to(device)
     if cfg.partner.epochs == 0:
         return evaluate(task, data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
-    optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=cfg.partner.lr, momentum=0.9, weight_decay=cfg.partner.weight_decay)
+    # fused: one kernel per update, and the finite-loss guard decides on the device (bqat.guard): no sync per step.
+    optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=cfg.partner.lr, momentum=0.9, weight_decay=cfg.partner.weight_decay,
+                                               fused=True)
     n = len(data.train) if cfg.trainer.limit_train_batches is None else min(len(data.train), cfg.trainer.limit_train_batches)
     scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched="cosine", num_epochs=max(cfg.partner.epochs, 1), step_on_epochs=False, updates_per_epoch=n)
     state = fit(task, data, optimizer, scheduler, epochs=cfg.partner.epochs, cfg=cfg.trainer, device=device, metric="fp", desc="partner")
@@ -133,7 +137,7 @@ def get_partner(model: nn.Module, data, cfg, device) -> tuple[nn.Module, float, 
         path = Path(cfg.partner.checkpoint)
         load_state_dict_into(model, read_weights(path), f"partner.checkpoint {path}")
         model.to(device)
-        top1 = evaluate(Classifier(model), data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
+        top1 = evaluate(PartnerTask(model), data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
         log.info(f"partner: loaded {path} (val top-1 {top1:.2f})")
         return model, top1, str(path)
 
@@ -141,7 +145,7 @@ def get_partner(model: nn.Module, data, cfg, device) -> tuple[nn.Module, float, 
         weights = load_pretrained(model, cfg, data.num_classes, data.input_size[0])
         if weights.get("num_classes") == data.num_classes:
             model.to(device)
-            top1 = evaluate(Classifier(model), data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
+            top1 = evaluate(PartnerTask(model), data.val, limit=cfg.trainer.limit_val_batches, device=device)["fp"]
             source = f"timm:{weights.get('hf_hub_id') or cfg.model.name}"
             log.info(f"partner: timm's pretrained {cfg.model.name} as it is (val top-1 {top1:.2f})")
             return model, top1, source
@@ -169,7 +173,8 @@ def cached_partner(model: nn.Module, data, cfg, device) -> tuple[nn.Module, floa
         log.info(f"partner: training {cfg.model.name} for {cfg.partner.epochs} epochs, cached at {cache}")
         model.to(device)
         top1 = train_partner(model, data, cfg, device)
-        atomic_save({"state_dict": model.state_dict(), "top1": top1, "key": cache.stem}, cache)
+        atomic_save({"state_dict": model.state_dict(), "top1": top1, "key": cache.stem}, cache,
+                    hint=" (the partner trains again), or cache partners elsewhere: partner.cache_dir=<folder>")
     finally:
         lock.release()
     return model, top1, str(cache)

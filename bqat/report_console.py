@@ -24,4 +24,8 @@ def print_summary(metrics: dict, run_dir: Path, console: Console | None = None) 
     for k, value in enumerate(metrics["mixed_top1"], start=1):
         table.add_row(f"mixed path {k} (Q_1..Q_{k} -> FP)", _fmt(value))
     console.print(table)
+    if metrics.get("weight_bits") is not None:
+        mixed = " (bits.layers)" if metrics.get("bits_layers") else ""
+        console.print(f"twin size{mixed}: {metrics['weight_bits']:,} weight bits ({metrics['avg_weight_bits']:.2f} per parameter), "
+                      f"{metrics['bops'] / 1e9:.3f} GBOPs (FP {metrics['fp32_bops'] / 1e9:.1f})")
     console.print(f"run folder: {run_dir}  ({metrics['epoch']} epochs, {metrics['wall_seconds']:.0f} s)")

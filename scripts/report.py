@@ -4,14 +4,18 @@
     python scripts/report.py RUN_DIR [RUN_DIR ...] --name NAME [--out outputs/reports]
 
 Reads every `metrics.json` below the given folders (never a log) and writes
-`<out>/<NAME>/results.csv`, `results.md` and `top1_vs_bits.png`.
+`<out>/<NAME>/results.csv`, `results.md` and `top1_vs_bits.png`, and `top1_vs_size.png`
+when the runs differ in model size (`weight_bits`, e.g. per-layer precision with bits.layers).
 
 One row per cell: data x model x quantizer x schedule x bits x first/last policy x epochs
-x distillation weight. Runs of a cell that differ only in seed are aggregated (mean and
-sample std of the LP top-1). Each row carries the FP partner's top-1, the LP twin's top-1,
-its difference from the same cell with schedule `none` (plain QAT, no block replacement),
-the mean wall time, the published number closest to the cell (bqat/published.yaml, with
-its method and source) and the run folders it came from.
+x learning rate x loss settings (every `loss.*` key that acts under the run's schedule, so
+an objective ablation gets one row per variant) x model size in bits (runs with other
+per-layer widths, bits.layers, are other cells). Runs of a cell that differ only in seed
+are aggregated (mean and sample std of the LP top-1, and each seed's value). Each row
+carries the FP partner's top-1, the LP twin's top-1, its difference from the same cell with
+schedule `none` (plain QAT, no block replacement, with the same partner distillation), the
+mean wall time, the published number closest to the cell (bqat/published.yaml, with its
+method and source) and the run folders it came from.
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ import yaml  # noqa: E402
 from bqat.errors import UserError  # noqa: E402
 
 # What makes two runs the same cell (seeds are aggregated over).
-KEY = ("data", "model", "quant", "schedule", "bits_w", "bits_a", "first_last", "epochs", "w_kd")
+KEY = ("data", "model", "quant", "schedule", "bits_w", "bits_a", "first_last", "epochs", "lr", "w_kd", "loss", "weight_bits")
 REQUIRED = ("top1", "model", "quant", "schedule", "bits_w", "bits_a", "first_last", "epoch")
 BASELINE_SCHEDULE = "none"
 PLOT_NAME = "top1_vs_bits.png"
+SIZE_PLOT_NAME = "top1_vs_size.png"
 
 COLUMNS = (
-    "data", "model", "quant", "schedule", "method", "bits_w", "bits_a", "first_last", "epochs", "w_kd",
-    "n_seeds", "seeds", "fp_top1", "top1", "top1_std", "best_top1", "delta_vs_none", "train_s", "wall_s",
+    "data", "model", "quant", "schedule", "method", "bits_w", "bits_a", "first_last", "epochs", "lr", "w_kd", "loss",
+    "weight_bits", "avg_weight_bits", "n_seeds", "seeds", "top1_by_seed", "fp_top1", "top1", "top1_std", "best_top1", "delta_vs_none",
+    "train_s", "wall_s",
     "published_top1", "published_fp_top1", "published_method", "published_source", "run_dirs",
 )
 
@@ -75,8 +81,48 @@ def load_runs(dirs: list[Path]) -> list[dict]:
     return runs
 
 
+# The loss keys of conf/train.yaml and the value at which each term is off (or neutral).
+# A key missing from an older run's metrics.json reads as its neutral value.
+LOSS_NEUTRAL = {"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0,
+                "mp_teacher_grad": False, "path_weights": "uniform"}
+# Keys that act only through the mixed paths: a plain-QAT run (schedule none) ignores them.
+MIXED_ONLY = ("w_mix", "w_mix_decay", "w_mp_kd", "mp_teacher_grad", "path_weights")
+
+
+def effective_loss(loss: dict, schedule: str) -> dict:
+    """The loss settings that change what the run computed: T only when a KL term is on,
+    mp_teacher_grad only with w_mp_kd, the mixed-path keys only when there are mixed paths."""
+    out = {k: loss.get(k, v) if loss.get(k) is not None else v for k, v in LOSS_NEUTRAL.items()}
+    if schedule == BASELINE_SCHEDULE:
+        for k in MIXED_ONLY:
+            out[k] = LOSS_NEUTRAL[k]
+    if not float(out["w_mp_kd"]):
+        out["mp_teacher_grad"] = LOSS_NEUTRAL["mp_teacher_grad"]
+    if not float(out["w_kd"]) and not float(out["w_mp_kd"]):
+        out["T"] = LOSS_NEUTRAL["T"]
+    return out
+
+
+def loss_label(loss: dict) -> str:
+    """A compact name of the settings that differ from neutral, e.g. `kd1@T2+mpkd1+geo` ('' for CE only)."""
+    parts = []
+    if float(loss["w_mix"]) != 1.0:
+        parts.append(f"mix{float(loss['w_mix']):g}")
+    if loss["w_mix_decay"] != "constant":
+        parts.append(f"{loss['w_mix_decay']}decay")
+    if float(loss["w_kd"]):
+        parts.append(f"kd{float(loss['w_kd']):g}")
+    if float(loss["w_mp_kd"]):
+        parts.append(f"mpkd{float(loss['w_mp_kd']):g}" + ("g" if loss["mp_teacher_grad"] else ""))
+    if parts and float(loss["T"]) != 1.0 and (float(loss["w_kd"]) or float(loss["w_mp_kd"])):
+        parts[-1] += f"@T{float(loss['T']):g}"
+    if loss["path_weights"] != "uniform":
+        parts.append({"geometric": "geo"}.get(loss["path_weights"], str(loss["path_weights"])))
+    return "+".join(parts)
+
+
 def record(metrics: dict, run_dir: Path) -> dict:
-    loss = metrics.get("loss") or {}
+    loss = effective_loss(metrics.get("loss") or {}, str(metrics["schedule"]))
     return {
         "data": str(metrics.get("data", "?")),
         "model": str(metrics["model"]),
@@ -86,7 +132,13 @@ def record(metrics: dict, run_dir: Path) -> dict:
         "bits_a": int(metrics["bits_a"]),
         "first_last": str(metrics["first_last"]),
         "epochs": int(metrics["epoch"]),
-        "w_kd": float(loss.get("w_kd", 0.0) or 0.0),
+        "lr": metrics.get("lr"),  # None in runs written before bqat recorded it
+        "w_kd": float(loss["w_kd"]),
+        "T": float(loss["T"]),
+        "loss": loss_label(loss),
+        "weight_bits": metrics.get("weight_bits"),  # None in runs written before bqat measured it
+        "avg_weight_bits": metrics.get("avg_weight_bits"),
+        "mixed": bool(metrics.get("bits_layers")),
         "seed": metrics.get("seed"),
         "top1": float(metrics["top1"]),
         "best_top1": metrics.get("best_top1"),
@@ -100,10 +152,10 @@ def record(metrics: dict, run_dir: Path) -> dict:
 # ---------------------------------------------------------------- the table
 
 
-def method_name(quant: str, schedule: str, w_kd: float) -> str:
-    """`lsq` (plain QAT), `lsq+prefix` (with block replacement), `+kd<w>` when distilling."""
+def method_name(quant: str, schedule: str, loss: str) -> str:
+    """`lsq` (plain QAT), `lsq+prefix` (with block replacement), then the loss label (`+kd1@T2+mpkd1`)."""
     name = quant if schedule == BASELINE_SCHEDULE else f"{quant}+{schedule}"
-    return f"{name}+kd{w_kd:g}" if w_kd else name
+    return f"{name}+{loss}" if loss else name
 
 
 def mean_or_none(values) -> float | None:
@@ -124,11 +176,12 @@ def aggregate(runs: list[dict]) -> list[dict]:
             warn(f"{len(group)} runs of cell {dict(zip(KEY, key))} share seed(s) {repeated}; they are averaged as if "
                  f"independent ({', '.join(r['run_dir'] for r in group)})")
         top1 = [r["top1"] for r in group]
-        row = dict(zip(KEY, key))
+        row = dict(zip(KEY, key), T=group[0]["T"])  # the loss label fixes the effective T
         row.update(
-            method=method_name(row["quant"], row["schedule"], row["w_kd"]),
+            method=method_name(row["quant"], row["schedule"], row["loss"]),
             n_seeds=len(group),
             seeds=",".join(str(s) for s in sorted(seeds, key=str)),
+            top1_by_seed=";".join(f"s{r['seed']}:{r['top1']:.2f}" for r in sorted(group, key=lambda r: str(r["seed"]))),
             fp_top1=mean_or_none(r["fp_top1"] for r in group),
             top1=statistics.fmean(top1),
             top1_std=statistics.stdev(top1) if len(top1) > 1 else None,
@@ -136,6 +189,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
             train_s=mean_or_none(r["train_s"] for r in group),
             wall_s=mean_or_none(r["wall_s"] for r in group),
             run_dirs=";".join(sorted(r["run_dir"] for r in group)),
+            avg_weight_bits=group[0]["avg_weight_bits"],
+            mixed=group[0]["mixed"],
         )
         rows.append(row)
     rows.sort(key=sort_key)
@@ -144,8 +199,15 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def sort_key(row: dict) -> tuple:
     # Tables read best grouped by network, widest bits first, baseline above its variants.
-    return (row["data"], row["model"], row["first_last"], row["epochs"], row["w_kd"], -row["bits_w"], -row["bits_a"],
-            row["quant"], row["schedule"] != BASELINE_SCHEDULE, row["schedule"])
+    return (row["data"], row["model"], row["first_last"], row["epochs"], row["lr"] is not None, row["lr"] or 0.0, row["w_kd"],
+            -row["bits_w"], -row["bits_a"], row["quant"], row["schedule"] != BASELINE_SCHEDULE, row["schedule"], row["loss"])
+
+
+def baseline_key(row: dict) -> tuple:
+    """KEY of the row's plain-QAT twin: schedule none, the same partner distillation (w_kd, T), no mixed-path terms."""
+    loss = effective_loss({"w_kd": row["w_kd"], "T": row["T"]}, BASELINE_SCHEDULE)
+    base = dict(row, schedule=BASELINE_SCHEDULE, loss=loss_label(loss))
+    return tuple(base[k] for k in KEY)
 
 
 def attach_deltas(rows: list[dict]) -> None:
@@ -155,7 +217,7 @@ def attach_deltas(rows: list[dict]) -> None:
         row["delta_vs_none"] = None
         if row["schedule"] == BASELINE_SCHEDULE:
             continue
-        base = index.get(tuple(BASELINE_SCHEDULE if k == "schedule" else row[k] for k in KEY))
+        base = index.get(baseline_key(row))
         if base is not None:
             row["delta_vs_none"] = row["top1"] - base["top1"]
 
@@ -236,23 +298,27 @@ def write_markdown(rows: list[dict], sources: dict[str, str], path: Path, name: 
         "published: the closest published number for the same network, data and bits, with its method. "
         "Every row's run folders (configs in `.hydra/`) are listed in results.csv.",
         "",
-        "| data | model | W/A | first/last | method | epochs | seeds | FP top-1 | LP top-1 | Δ vs none | train (s) | wall (s) | published |",
-        "|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| data | model | W/A | first/last | method | epochs | lr | seeds | FP top-1 | LP top-1 | Δ vs none | train (s) | wall (s) | published |",
+        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lp = fmt(r["top1"]) + (f" ± {fmt(r['top1_std'])}" if r["top1_std"] is not None else "")
         delta = f"{r['delta_vs_none']:+.2f}" if r["delta_vs_none"] is not None else "—"
+        lr = "—" if r["lr"] is None else f"{r['lr']:g}"
         published = "—"
         if r["published_top1"] is not None:
             ref = used.index(r["published_source"]) + 1
             fp = f", FP {fmt(float(r['published_fp_top1']))}" if r["published_fp_top1"] is not None else ""
             published = f"{fmt(float(r['published_top1']))} ({r['published_method']}{fp}) [{ref}]"
+        bits = f"W{r['bits_w']}A{r['bits_a']}" + (f" + bits.layers ({r['avg_weight_bits']:.2f} b/weight)" if r["mixed"] else "")
         lines.append(
-            f"| {r['data']} | {r['model']} | W{r['bits_w']}A{r['bits_a']} | {r['first_last']} | {r['method']} | "
-            f"{r['epochs']} | {r['seeds']} | {fmt(r['fp_top1']) or '—'} | {lp} | {delta} | {fmt(r['train_s'], 0) or '—'} | "
+            f"| {r['data']} | {r['model']} | {bits} | {r['first_last']} | {r['method']} | "
+            f"{r['epochs']} | {lr} | {r['seeds']} | {fmt(r['fp_top1']) or '—'} | {lp} | {delta} | {fmt(r['train_s'], 0) or '—'} | "
             f"{fmt(r['wall_s'], 0) or '—'} | {published} |"
         )
     lines += ["", f"![top-1 vs bits]({PLOT_NAME})", ""]
+    if sizes_differ(rows):
+        lines += [f"![top-1 vs size]({SIZE_PLOT_NAME})", ""]
     if used:
         lines += ["Published numbers:", ""] + [f"{i}. {sources[s]}" for i, s in enumerate(used, start=1)] + [""]
     path.write_text("\n".join(lines))
@@ -270,13 +336,15 @@ def plot(rows: list[dict], path: Path, name: str) -> None:
         panels[(r["data"], r["model"], r["first_last"])].append(r)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, ((data, model, first_last), panel) in zip(axes[0], sorted(panels.items())):
-        several_budgets = len({(r["epochs"]) for r in panel}) > 1
+        several_budgets = len({r["epochs"] for r in panel}) > 1
+        several_lrs = len({r["lr"] for r in panel}) > 1
         lines: dict[tuple, list[dict]] = defaultdict(list)
         for r in panel:
-            lines[(r["method"], r["epochs"])].append(r)
-        for (method, epochs), line in sorted(lines.items()):
+            lines[(r["method"], r["epochs"], r["lr"] or 0.0)].append(r)
+        for (method, epochs, lr), line in sorted(lines.items()):
             line.sort(key=lambda r: r["bits_w"])
-            label = f"{method} ({epochs} ep)" if several_budgets else method
+            budget = [f"{epochs} ep"] * several_budgets + [f"lr {lr:g}"] * several_lrs
+            label = f"{method} ({', '.join(budget)})" if budget else method
             ax.errorbar([r["bits_w"] for r in line], [r["top1"] for r in line],
                         yerr=[r["top1_std"] or 0.0 for r in line], marker="o", capsize=3, label=label)
         fp = mean_or_none(r["fp_top1"] for r in panel)
@@ -303,6 +371,49 @@ def plot(rows: list[dict], path: Path, name: str) -> None:
     plt.close(fig)
 
 
+def sizes_differ(rows: list[dict]) -> bool:
+    return len({r["weight_bits"] for r in rows if r["weight_bits"] is not None}) > 1
+
+
+def plot_size(rows: list[dict], path: Path, name: str) -> None:
+    """Top-1 vs model size (weight_bits, in MB): one panel per data x model, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["weight_bits"] is not None:
+            panels[(r["data"], r["model"])].append(r)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, ((data, model), panel) in zip(axes[0], sorted(panels.items())):
+        series: dict[tuple, list[dict]] = defaultdict(list)
+        for r in panel:
+            series[(r["method"], r["epochs"])].append(r)
+        several_budgets = len({r["epochs"] for r in panel}) > 1
+        for (method, epochs), points in sorted(series.items()):
+            points.sort(key=lambda r: r["weight_bits"])
+            sizes = [r["weight_bits"] / 8e6 for r in points]
+            ax.errorbar(sizes, [r["top1"] for r in points], yerr=[r["top1_std"] or 0.0 for r in points], marker="o", capsize=3,
+                        label=f"{method} ({epochs} ep)" if several_budgets else method)
+            for r, size in zip(points, sizes):
+                label = f"W{r['bits_w']}A{r['bits_a']}" + ("+mix" if r["mixed"] else "") + f" fl{r['first_last']}"
+                ax.annotate(label, (size, r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        fp = mean_or_none(r["fp_top1"] for r in panel)
+        if fp is not None:
+            ax.axhline(fp, color="grey", linestyle=":", label=f"FP partner ({fp:.2f})")
+        ax.set_xlabel("weight size (MB: weight_bits / 8e6)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{model} on {data}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -320,6 +431,8 @@ def report(dirs: list[Path], name: str, out: Path, published: Path | None = None
     write_csv(rows, folder / "results.csv")
     write_markdown(rows, sources, folder / "results.md", name, len(runs), dirs)
     plot(rows, folder / PLOT_NAME, name)
+    if sizes_differ(rows):
+        plot_size(rows, folder / SIZE_PLOT_NAME, name)
     return folder
 
 
@@ -335,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"report: error: {err}", file=sys.stderr)
         return 2
-    print(f"report: wrote {folder}/results.csv, results.md, {PLOT_NAME}")
+    extra = f", {SIZE_PLOT_NAME}" if (folder / SIZE_PLOT_NAME).is_file() else ""
+    print(f"report: wrote {folder}/results.csv, results.md, {PLOT_NAME}{extra}")
     return 0
 
 

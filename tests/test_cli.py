@@ -25,6 +25,9 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     assert metrics["twin_residual_bits"] is None  # the paper's twin: no residual grids
     assert len(metrics["mixed_top1"]) == 2  # resnet20: 3 blocks -> 2 mixed paths
     assert 0 <= metrics["top1"] <= 100
+    # compile=auto by default: a 6-step run stays eager, and says why
+    assert metrics["compile"] is False and metrics["quant_compile"] is False and metrics["compile_cost_s"] is None
+    assert "compile: trainer.compile off (auto: 6 planned updates" in (run_dir / "train.log").read_text()
 
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and {"twin", "optimizer", "scheduler", "config"} <= set(ckpt)

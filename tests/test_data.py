@@ -119,7 +119,7 @@ def test_jpeg_tree_decodes_like_pil_and_is_cached(tmp_path, monkeypatch):
     assert np.abs(decoded.astype(int) - pil.astype(int)).max() <= 2  # libjpeg builds may round differently
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and test
 
-    import bqat.datasets.files as files
+    import bqat.data.files as files
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache is current")
@@ -204,7 +204,10 @@ def test_image_folder_in_memory_with_a_test_folder(image_folder, tmp_path):
 
 def test_stream_loader_shards_an_epoch_across_ranks(image_folder):
     cfg = data_cfg("imagefolder", image_folder, image_size=16, batch_size=1)
-    shards = [build_data(cfg, seed=3, rank=r, world_size=2).train.sampler for r in (0, 1)]
+    shards = [build_data(cfg, seed=3) for _ in (0, 1)]
+    for r, data in enumerate(shards):
+        data.shard(r, 2)
+    shards = [data.train.sampler for data in shards]
     a, b = [i for i, _ in shards[0]], [i for i, _ in shards[1]]  # (index, augmentation seed) keys
     assert len(a) == len(b) == 6 and sorted(a + b) == list(range(12))
 
@@ -286,3 +289,20 @@ def test_every_data_option_composes(compose_cfg, name, in_memory, classes):
     cfg = compose_cfg(f"data={name}", "data.root=/somewhere")
     assert (cfg.data.name, cfg.data.in_memory, cfg.data.num_classes) == (name, in_memory, classes)
     assert len(cfg.data.mean) == len(cfg.data.std) == 3 and cfg.data.cache_dir.startswith("outputs/")
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
+def test_drop_last_keeps_training_shapes_static_and_false_keeps_every_image(cifar_on_disk, in_memory):
+    root, _, _ = cifar_on_disk  # 30 train images, batches of 8
+    for drop_last, sizes in ((True, [8, 8, 8]), (False, [8, 8, 8, 6])):
+        data = build_data(data_cfg("cifar10", root / "python", in_memory=in_memory, drop_last=drop_last), seed=0)
+        assert [len(y) for _, y in data.train] == sizes and len(data.train) == len(sizes)
+        assert [len(y) for _, y in data.val] == [8, 8, 4]  # validation never drops a batch
+    digits = OmegaConf.load(CONF / "data" / "digits.yaml")
+    assert digits.drop_last is True and all(OmegaConf.load(f).drop_last is True for f in (CONF / "data").glob("*.yaml"))
+    digits.drop_last = False
+    train = build_data(digits).train
+    assert sum(len(y) for _, y in train) == len(train.labels) and len(train.labels) % digits.batch_size  # none dropped
+    digits.drop_last = "yes"
+    with pytest.raises(UserError, match="data.drop_last must be true or false"):
+        build_data(digits)

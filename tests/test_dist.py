@@ -143,7 +143,9 @@ def test_loader_shards_global_batches_like_one_process():
 
     def loader(bs, rank=0, ws=1, drop_last=True):
         aug = lambda x, g: random_crop_flip(x, 2, flip=True, generator=g)  # noqa: E731
-        return TensorLoader(images, labels, bs, shuffle=True, drop_last=drop_last, augment=aug, seed=3, rank=rank, world_size=ws)
+        loader = TensorLoader(images, labels, bs, shuffle=True, drop_last=drop_last, augment=aug, seed=3)
+        loader.shard(rank, ws)
+        return loader
 
     one = list(loader(8))
     shards = [list(loader(4, r, 2)) for r in range(2)]
@@ -152,6 +154,11 @@ def test_loader_shards_global_batches_like_one_process():
         assert torch.equal(torch.cat([shards[0][b][0], shards[1][b][0]]), x)
         assert torch.equal(torch.cat([shards[0][b][1], shards[1][b][1]]), y)
     # validation (no drop_last): every image exactly once over the ranks
-    seen = torch.cat([y for r in range(3) for _, y in TensorLoader(images, labels, 4, rank=r, world_size=3)])
+    def val(r):
+        loader = TensorLoader(images, labels, 4)
+        loader.shard(r, 3)
+        return loader
+
+    seen = torch.cat([y for r in range(3) for _, y in val(r)])
     assert sorted(seen.tolist()) == list(range(50))
-    assert [len(TensorLoader(images, labels, 4, rank=r, world_size=3)) for r in range(3)] == [5, 5, 4]
+    assert [len(val(r)) for r in range(3)] == [5, 5, 4]

@@ -113,6 +113,26 @@ def test_lsqplus_activation_init_minimises_the_mse_of_eq_9():
     assert found <= mse((b - a) / 3, a).min().item() * 1.01  # a dense brute-force search
 
 
+def test_lsqplus_activation_init_on_a_padded_map_matches_the_full_tensor_init(monkeypatch):
+    """The init reads a seeded random sample of a large batch, not a fixed stride: on a
+    power-of-two padded conv+ReLU map a stride picks the zero-padded border column only.
+    Within 5 % of the search on every element, the same for the same batch, global RNG untouched."""
+    from bqat.quant import lsqplus
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+    with torch.no_grad():
+        x = torch.relu(conv(torch.rand(64, 3, 32, 32)))  # 2^20 elements: sampled
+    assert x.numel() > lsqplus.MSE_SAMPLE
+    rng = torch.get_rng_state()
+    s, beta = lsqplus.mse_init(x, 0, 3)
+    assert torch.equal(torch.get_rng_state(), rng) and lsqplus.mse_init(x, 0, 3) == (s, beta)
+    monkeypatch.setattr(lsqplus, "MSE_SAMPLE", x.numel())
+    s_full, beta_full = lsqplus.mse_init(x, 0, 3)
+    assert s == pytest.approx(s_full, rel=0.05) and beta == pytest.approx(beta_full, rel=0.05)
+    assert beta_full > 0  # the ReLU map's zeros and the border pull the range's bottom; it is not 0
+
+
 def test_lsqplus_export_zero_point_reproduces_the_grid():
     """x_q = scale * (code - zero_point) with integer code in [0, 2^b - 1]; zero_point = -beta / s."""
     q = ready(LSQPlus(3, "act"), step=0.25, offset=-0.6, signed=False)
@@ -294,6 +314,40 @@ def test_bad_quantizer_options_are_one_line_user_errors():
         make_twin(fp, OmegaConf.create({"name": "pact", "per_channel": False, "alpha_init": 0}), bits)
 
 
+# --- precision ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 2])
+def test_every_quantizer_computes_in_fp32_under_bf16_autocast(bits):
+    """Under autocast a quantizer gets bf16 activations; it computes in fp32 anyway: the same
+    init, output and gradients as on the fp32 copy of its input, the output exactly on the
+    grid (float32; the conv after it casts), the input gradient in the input's dtype.
+    Outside autocast a bf16 input gives the fp32 result rounded to bf16."""
+    torch.manual_seed(4)
+    x = (torch.randn(4, 8, 6, 6) * 1.5).bfloat16()  # an activation as a bf16 conv hands it on
+    w = torch.randn(8, 8, 3, 3)  # the fp32 master weights
+    dx_out, dw_out = torch.randn(4, 8, 6, 6).bfloat16().float(), torch.randn_like(w)
+    for name, cls in sorted(QUANTIZERS.items()):
+        for kind, inp, dy in (("act", x, dx_out), ("weight", w, dw_out)):
+            ref = cls(bits, kind)
+            y_ref, dx_ref, g_ref = grads(ref, inp.float(), dy)  # initialised in fp32 too
+            q = cls(bits, kind)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y, dx, g = grads(q, inp, dy)
+            case = (name, kind, bits)
+            for key, value in ref.state_dict().items():
+                assert (torch.equal(value, q.state_dict()[key]) if torch.is_tensor(value) else value == q.state_dict()[key]), case
+            assert torch.equal(y.float(), y_ref) and y.dtype == torch.float32, case
+            scale, zero_point = q.scale_zero_point()
+            code = y / scale + zero_point
+            assert (code - code.round()).abs().max() < 1e-3, case
+            assert code.round().unique().numel() <= 2**bits, case
+            assert dx.dtype == inp.dtype and torch.equal(dx, dx_ref.to(inp.dtype)), case
+            for p in g_ref:  # the step / offset / alpha gradients
+                assert torch.allclose(g[p], g_ref[p], rtol=1e-6, atol=0), (*case, p)
+            if kind == "act":
+                assert torch.equal(q(x), y_ref.bfloat16()), case
+
+
 # --- compiled path ----------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -346,8 +400,31 @@ def test_a_step_driven_negative_by_a_huge_gradient_stays_positive(name):
     x = torch.rand(64, 8).requires_grad_(True)
     y = q(x)
     assert torch.isfinite(y).all()
+    scale.grad = None
     y.sum().backward()
     assert torch.isfinite(x.grad).all() and scale.grad.abs().sum() > 0  # on the floor it still learns
+
+
+@pytest.mark.parametrize("name", ["lsq", "lsqplus", "ewgs", "pact"])
+def test_a_step_on_its_floor_gets_gradient_and_grows_back(name):
+    """A step the projection put exactly on its floor learns again (a straight-through floor,
+    not clamp_min, whose gradient is 0 at the bound). DoReFa has no learned step."""
+    from bqat.quant import keep_scales_positive
+
+    q = _act_quantizer(name)
+    (scale,) = q.scales()
+    opt = torch.optim.SGD([scale], lr=0.01)
+    keep_scales_positive(opt, q)
+    scale.grad = torch.full_like(scale, 1e10)
+    opt.step()  # driven far below zero, projected exactly onto the floor
+    assert float(scale.detach()) == pytest.approx(q.floor, rel=1e-6)
+    x = torch.rand(64, 8)
+    for _ in range(3):  # a reconstruction loss: a step of floor clips every x, it wants a larger one
+        opt.zero_grad()
+        ((q(x) - x) ** 2).mean().backward()
+        assert float(scale.grad) < 0
+        opt.step()
+    assert float(scale.detach()) > 2 * q.floor
 
 
 @pytest.mark.parametrize("name", ["lsq", "ewgs", "lsqplus"])

@@ -71,6 +71,7 @@ def test_report_aggregates_seeds_computes_deltas_and_finds_published_numbers(tmp
 
     base4 = row(data="digits", bits_w=4, schedule="none")
     assert (base4["n_seeds"], base4["seeds"], base4["top1"], base4["top1_std"]) == ("2", "0,1", "91.00", "1.41")
+    assert base4["top1_by_seed"] == "s0:90.00;s1:92.00"
     assert base4["delta_vs_none"] == "" and base4["wall_s"] == "20.0" and base4["fp_top1"] == "98.00"
     br4 = row(data="digits", bits_w=4, schedule="prefix")
     assert (br4["method"], br4["top1"], br4["delta_vs_none"]) == ("lsq+prefix", "94.00", "3.00")
@@ -92,7 +93,7 @@ def test_report_aggregates_seeds_computes_deltas_and_finds_published_numbers(tmp
     assert digits10 == [("4", "none"), ("4", "prefix"), ("2", "none"), ("2", "prefix")]
 
     md = (out / "results.md").read_text()
-    assert "| digits | resnet20 | W4A4 | 8 | lsq+prefix | 10 | 0,1 | 98.00 | 94.00 ± 1.41 | +3.00 |" in md
+    assert "| digits | resnet20 | W4A4 | 8 | lsq+prefix | 10 | — | 0,1 | 98.00 | 94.00 ± 1.41 | +3.00 |" in md
     assert "67.60 (LSQ) [" in md and "92.45 (APoT, FP 92.96) [" in md
     assert "Esser et al." in md and "APoT_Quantization" in md  # sources cited under the table
     png = (out / "top1_vs_bits.png").read_bytes()
@@ -124,3 +125,30 @@ def test_report_rejects_bad_inputs_in_one_line(tmp_path, bad):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert ("'b'" if bad == "unknown source" else "nowhere") in proc.stderr
+
+
+def test_report_keys_rows_by_loss_settings_and_lr(tmp_path):
+    """An objective ablation: one row per loss variant and lr; mixed-path keys do not split plain-QAT rows;
+    each block-replacement row is compared with plain QAT at the same lr and partner distillation."""
+    runs = tmp_path / "runs"
+    ce = {"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 4.0, "w_mp_kd": 0.0, "mp_teacher_grad": True,
+          "path_weights": "uniform"}  # T and mp_teacher_grad act on nothing here
+    write_run(runs, "none-lr1", lr=0.01, top1=70.0, loss=ce)
+    write_run(runs, "none-lr1-geo", lr=0.01, top1=70.0, seed=1, loss=dict(ce, path_weights="geometric"))  # no mixed path: same cell
+    write_run(runs, "none-lr4", lr=0.04, top1=60.0, loss=ce)
+    write_run(runs, "br-lr1", schedule="prefix", lr=0.01, top1=72.0, loss=ce)
+    write_run(runs, "br-lr1-kd", schedule="prefix", lr=0.01, top1=73.0, loss=dict(ce, w_kd=1.0, T=2.0))
+    write_run(runs, "br-lr1-mpkd", schedule="prefix", lr=0.01, top1=74.0,
+              loss=dict(ce, w_kd=1.0, T=2.0, w_mp_kd=1.0, mp_teacher_grad=False))
+    write_run(runs, "br-lr1-geo", schedule="prefix", lr=0.01, top1=75.0,
+              loss=dict(ce, w_kd=1.0, T=2.0, w_mp_kd=1.0, mp_teacher_grad=False, path_weights="geometric"))
+    write_run(runs, "br-lr4", schedule="prefix", lr=0.04, top1=71.0, loss=ce)
+    proc = run_report(runs, "--name", "t", "--out", tmp_path / "reports")
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["method"], r["lr"]): r for r in read_rows(tmp_path / "reports" / "t")}
+    assert set(rows) == {("lsq", "0.01"), ("lsq", "0.04"), ("lsq+prefix", "0.01"), ("lsq+prefix+kd1@T2", "0.01"),
+                         ("lsq+prefix+kd1+mpkd1@T2", "0.01"), ("lsq+prefix+kd1+mpkd1@T2+geo", "0.01"), ("lsq+prefix", "0.04")}
+    assert rows[("lsq", "0.01")]["n_seeds"] == "2"
+    assert rows[("lsq+prefix", "0.01")]["delta_vs_none"] == "2.00"  # vs plain LSQ at lr 0.01, not 0.04
+    assert rows[("lsq+prefix", "0.04")]["delta_vs_none"] == "11.00"
+    assert rows[("lsq+prefix+kd1@T2", "0.01")]["delta_vs_none"] == ""  # no plain LSQ with the same distillation

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -79,10 +80,12 @@ def test_run_killed_after_its_first_checkpoint_resumes_to_the_configured_epoch(r
 
     again = run_cli(args, cwd=ROOT)  # the same command
     assert again.returncode == 0, again.stderr[-3000:]
+    assert f"took over {run_dir / 'run.lock'}: its holder, PID {proc.pid} on host" in (run_dir / "train.log").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epoch"] == 3 and metrics["resumed_from_epoch"] == killed_at
     assert numbers(metrics) == numbers(reference["metrics"])  # exact resume: as if never killed
     assert same_twin(run_dir, reference["run"])
+    assert not (run_dir / "run.lock").exists()  # released at the end
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_with_one_line(reference, tmp_path):
@@ -97,6 +100,51 @@ def test_sigterm_finishes_the_step_saves_and_exits_with_one_line(reference, tmp_
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert f"after step {saved['step']} " in line and saved["epoch"] < 3
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_ctrl_c_finishes_the_step_saves_exits_130_and_the_rerun_resumes_exactly(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = command(run_dir, reference["partners"])
+    proc = start_until_first_checkpoint(args, run_dir, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    (line,) = [ln for ln in stderr.splitlines() if "stopped by SIGINT" in ln]
+    assert line.startswith("bqat-train: twin stopped by SIGINT after step") and "re-run the same command to resume" in line
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert f"after step {saved['step']} " in line and f"saved {run_dir / 'checkpoints' / 'last.pt'}" in line
+
+    again = run_cli(args, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == saved["epoch"]
+    assert numbers(metrics) == numbers(reference["metrics"])
+    assert same_twin(run_dir, reference["run"])
+
+
+def test_a_second_process_on_a_live_run_folder_stops_at_once_and_the_first_is_undisturbed(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = command(run_dir, reference["partners"])
+    first = start_until_first_checkpoint(args, run_dir, tmp_path)
+    first.send_signal(signal.SIGSTOP)  # alive and holding the folder, whatever the machine's speed
+    try:
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        second = run_cli([*args, "resume=false"], cwd=ROOT)  # would set the live run's files aside
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    # CPU seconds, not wall: on a loaded machine the imports alone may take longer than 10 s.
+    assert (cpu.ru_utime + cpu.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime) < 10
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    (line,) = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert line.startswith(f"bqat-train: error: run folder {run_dir} is in use by another run: PID {first.pid} on this host")
+    assert not (run_dir / "previous").exists()
+
+    assert first.wait(timeout=600) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert numbers(metrics) == numbers(reference["metrics"])  # as if never disturbed
+    assert same_twin(run_dir, reference["run"])
 
 
 # --- bad input: one line, non-zero exit, no traceback -------------------------------------
@@ -142,6 +190,7 @@ BAD_INPUT = {
     "unknown_key": (["trainer.epoch=3"], "Could not override 'trainer.epoch'"),
     "negative_epochs": (["trainer.epochs=-1"], "trainer.epochs must be an integer >= 0, got -1"),
     "batch_size_zero": (["data.batch_size=0"], "data.batch_size must be an integer of at least 1, got 0"),
+    "resume_not_a_choice": (["resume=last"], "resume must be true, false or best, got 'last'"),
     "missing_checkpoint": (["partner.checkpoint={tmp}/nowhere.pt"], "checkpoint not found: {tmp}/nowhere.pt"),
     "other_architecture": (["partner.checkpoint={tmp}/resnet32.pt"], "does not fit model CifarResNet (unexpected: layer1.3."),
     "pickle_payload": (["partner.checkpoint={tmp}/evil.pt"], "not a plain weights file"),

@@ -1,6 +1,7 @@
 """Schedules `sampled` and `single`, and the cost rules of a step: the LP prefix runs once,
 the frozen partner gets no weight gradients (only input gradients flow through it)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -97,11 +98,14 @@ class ConvLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_prefix_step_runs_each_lp_conv_once_and_no_partner_weight_gradient():
+@pytest.mark.parametrize("batch_paths", [True, False])
+def test_prefix_step_runs_each_lp_conv_once_and_no_partner_weight_gradient(batch_paths):
     """The cost rules behind the overhead budget: per step, every LP conv runs forward and
     backward once (prefix reused, gradients of all paths summed before the LP backward), and
-    the partner's convs compute input gradients only."""
+    the partner's convs compute input gradients only. With batch_paths every partner block
+    F_2..F_n runs once (all the paths entering it in one batch); without, once per path."""
     hybrid = build(schedule="prefix", model="resnet18")
+    hybrid.batch_paths = batch_paths
     x, y = batch()
     n = hybrid.n
     lp_convs = [sum(isinstance(m, torch.nn.Conv2d) for name in b.names for m in hybrid.twin.get_submodule(name).modules()) for b in hybrid.lp_blocks]
@@ -110,7 +114,12 @@ def test_prefix_step_runs_each_lp_conv_once_and_no_partner_weight_gradient():
     with log:
         loss, _ = hybrid.training_step(x, y)
         loss.backward()
-    suffix_convs = sum(sum(fp_convs[k:]) for k in range(1, n))  # F_{k+1}..F_n for k = 1..n-1
+    if batch_paths:
+        suffix_convs = sum(fp_convs[1:])  # F_2..F_n, once each
+        assert hybrid.partner_block_calls == n - 1
+    else:
+        suffix_convs = sum(sum(fp_convs[k:]) for k in range(1, n))  # F_{k+1}..F_n for k = 1..n-1
+        assert hybrid.partner_block_calls == n * (n - 1) // 2
     assert len(log.forward) == sum(lp_convs) + suffix_convs
     weight_grads = [m for _, m in log.backward if m[1]]
     input_only = [m for _, m in log.backward if not m[1]]

@@ -55,6 +55,8 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         self.num_classes = num_classes
+        # As timm's models carry it: the input size bqat's block checks probe with.
+        self.pretrained_cfg = {"input_size": (in_chans, 32, 32), "num_classes": num_classes}
         self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.act1 = nn.ReLU(inplace=True)

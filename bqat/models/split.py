@@ -182,8 +182,10 @@ def feature_boundaries(model: nn.Module, input_size: tuple[int, ...] | None = No
 
 
 def split_blocks(model: nn.Module, boundaries: list[list[str]]) -> list[Block]:
+    """One Block per list of names; the last also runs `forward_head` if the model has one (timm's)."""
     last = len(boundaries) - 1
-    return [Block(model, tuple(names), head=(i == last)) for i, names in enumerate(boundaries)]
+    head = callable(getattr(model, "forward_head", None))
+    return [Block(model, tuple(names), head=head and i == last) for i, names in enumerate(boundaries)]
 
 
 def chain(blocks: list[Block], x: torch.Tensor) -> torch.Tensor:

@@ -6,20 +6,35 @@ import torch
 from torch import nn
 
 from bqat import dist
-from bqat.quant.functional import Core, compiled
+from bqat.quant.functional import Core, compiled, compute_dtype
 
 # A learned step size (LSQ's s, LSQ+'s s, PACT's alpha) must stay positive: at s <= 0 the
 # grid flips or x / s divides by zero. Low-bit depthwise twins (MobileNet, EfficientNet)
 # see gradients of 1e4-1e8 on a step in their first updates (README, "Models and blocks"),
 # which drive it negative in one SGD update and the loss to NaN in the next. So every such
-# parameter lives in [floor, inf): the forward reads it through clamp_min(floor) (values and
-# gradients unchanged above the floor), and `keep_scales_positive` projects it back onto
-# the floor after each optimizer step (projected gradient descent: a parameter sitting on
-# the floor still gets gradient and can grow again). floor = SCALE_FLOOR * its initial
-# value, i.e. far below any step a trained layer uses.
+# parameter lives in [floor, inf): `keep_scales_positive` projects it back onto the floor
+# after each optimizer step (projected gradient descent), and the forward reads it through
+# a straight-through floor (`StraightThroughFloor`: value max(s, floor), gradient passed to s
+# unchanged). The gradient must pass: torch's clamp_min sends 0 at the bound, so a step the
+# projection put exactly on the floor would never move again; with the straight-through
+# floor it gets the gradient of a step of size `floor` and grows as soon as the loss wants
+# a larger one. floor = SCALE_FLOOR * its initial value, i.e. far below any step a trained
+# layer uses.
 SCALE_FLOOR = 1e-3
 # Floor of a quantizer restored from a checkpoint written before floors existed.
 LEGACY_FLOOR = 1e-8
+
+
+class StraightThroughFloor(torch.autograd.Function):
+    """y = max(s, floor); dy/ds = 1 everywhere, on and below the floor too (see SCALE_FLOOR)."""
+
+    @staticmethod
+    def forward(ctx, scale: torch.Tensor, floor: float) -> torch.Tensor:
+        return scale.clamp_min(floor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 class Quantizer(nn.Module):
@@ -31,12 +46,14 @@ class Quantizer(nn.Module):
     kind: "weight" (always signed) or "act" (signedness decided from the first batch:
     unsigned after a ReLU, signed when the input has negative values).
     per_channel: one step per output channel (weights only; dim 0).
-    compile: run the quantizer's pure core (bqat.quant.functional) through torch.compile.
+    compile: run the quantizer's pure core (bqat.quant.functional) through torch.compile
+    (True); False or "auto" run eager ("auto" is `quant.compile`'s default, which bqat-train
+    resolves to True or False from the run's length before building the twin, bqat.accel).
     Subclasses implement `init_params(x)`, `fake_quant(x)` and `scale_zero_point()`, and
     may add a `regularizer()` term to the training loss.
     """
 
-    def __init__(self, bits: int, kind: str, per_channel: bool = False, channels: int = 1, compile: bool = False):
+    def __init__(self, bits: int, kind: str, per_channel: bool = False, channels: int = 1, compile: bool | str = False):
         super().__init__()
         if kind not in ("weight", "act"):
             raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
@@ -48,7 +65,7 @@ class Quantizer(nn.Module):
         self.initialized = False
         self.floor = LEGACY_FLOOR  # set from the initial scales by `initialize`
         # Not `self.compile`: that name is nn.Module.compile().
-        self.use_compile = bool(compile)
+        self.use_compile = compile is True
 
     # Plain Python flags travel in the state dict as extra state, so a checkpoint
     # restores them and the forward pass needs no device sync to read them.
@@ -83,7 +100,7 @@ class Quantizer(nn.Module):
         return x[0].numel() if self.per_channel else x.numel()
 
     def core(self, core: Core) -> Core:
-        """A pure forward/backward pair of bqat.quant.functional, compiled when `quant.compile=true`."""
+        """A pure forward/backward pair of bqat.quant.functional, compiled when `quant.compile` is (or resolved to) true."""
         return compiled(core) if self.use_compile else core
 
     @torch.no_grad()
@@ -91,6 +108,7 @@ class Quantizer(nn.Module):
         # Under DDP every rank sees a different slice of the first batch; the ranks agree
         # on the grid (signed if any saw a negative value) and average what init_params
         # set, so all start from the same step sizes (no-ops in a single process).
+        x = x.to(compute_dtype(x.dtype))  # statistics in float32 even from a bf16 batch
         if self.kind == "act":
             self.signed = dist.any_across_ranks(bool(x.min() < 0), device=x.device)
         self.init_params(x)
@@ -99,8 +117,8 @@ class Quantizer(nn.Module):
         self.initialized = True
 
     def bounded(self, scale: torch.Tensor) -> torch.Tensor:
-        """`scale` as the forward pass uses it: never below the floor (see SCALE_FLOOR)."""
-        return scale.clamp_min(self.floor)
+        """`scale` as the forward pass uses it: never below the floor, differentiable on it (see SCALE_FLOOR)."""
+        return StraightThroughFloor.apply(scale, self.floor)
 
     @torch.no_grad()
     def project_(self) -> None:

@@ -16,6 +16,16 @@ CPU than these hand-written backwards.)
 Conventions: a per-channel parameter arrives shaped (C, 1, ..., 1) and its gradient is
 returned in the same shape; "inside" masks are strict (a value on a clipping bound gets
 no straight-through gradient), as torch.clamp's gradient.
+
+Precision: the cores always compute in float32 (float64 stays float64), with autocast off,
+whatever dtype the input has and whatever autocast state the caller is in: in bf16, x / s
+rounds to the wrong integer (bf16 keeps 8 significant bits) and the step's gradient sums
+in low precision. `fake_quant` upcasts x and the parameters (bf16 -> fp32 is exact) and
+saves x in its own dtype (no extra activation memory). What it returns:
+- outside autocast: the input's dtype (float32 in, exactly the float32 grid out);
+- under autocast: float32, exactly on the grid, as autocast's own float32 ops (softmax,
+  layer_norm) do; the conv or linear that reads it casts it to bf16 itself.
+Gradients come back in the dtypes of x and of the parameters.
 """
 
 from __future__ import annotations
@@ -32,20 +42,44 @@ class Core(NamedTuple):
     backward: Callable
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a core computes in: float32, or float64 for float64 tensors."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    # Plain tensors, not nn.Parameters: torch.compile keeps parameter shapes static,
+    # which would compile one graph per weight shape.
+    return t.detach().to(compute_dtype(t.dtype))
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _full_precision(x: torch.Tensor):
+    """Autocast off on x's device (a no-op context when it is off already)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, core, consts, x, *params):
         ctx.core, ctx.consts = core, consts
         ctx.save_for_backward(x, *params)
-        # Plain tensors, not nn.Parameters: torch.compile keeps parameter shapes static,
-        # which would compile one graph per weight shape.
-        return core.forward(x.detach(), *(p.detach() for p in params), *consts)
+        with _full_precision(x):
+            y = core.forward(_upcast(x), *map(_upcast, params), *consts)
+        return y if _autocast_on(x.device.type) else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        x, *params = (t.detach() for t in ctx.saved_tensors)
-        grads = ctx.core.backward(g.contiguous(), x, *params, *ctx.consts)
-        return (None, None, *grads)
+        x, *params = ctx.saved_tensors
+        with _full_precision(x):
+            dx, *dparams = ctx.core.backward(_upcast(g).contiguous(), _upcast(x), *map(_upcast, params), *ctx.consts)
+        return (None, None, dx.to(x.dtype), *(d.to(p.dtype) for d, p in zip(dparams, params, strict=True)))
 
 
 def fake_quant(core: Core, consts: tuple, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,12 @@ types are swapped. timm's own subclasses are listed where their forward is known
 TensorFlow-style before the conv (tf_efficientnet, tf_mobilenetv3, ...), which
 `QConv2dSame` keeps. Any other subclass (StdConv2d, ScaledStdConv2d: weight
 standardisation in forward) stays float in the twin, and make_twin logs it.
+
+Under bf16 autocast (`trainer.precision=bf16`) the quantizers compute in float32 and hand
+the conv/linear float32 values exactly on their grids (bqat.quant.functional); the
+conv/linear itself runs in bf16, and autocast casts those values to bf16 on the way in
+(relative error at most 2^-9: bf16 cannot hold code * scale for most scales). The codes,
+the step gradients and what export reads are exact; only the bf16 matmul sees the rounding.
 """
 
 from __future__ import annotations

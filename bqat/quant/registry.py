@@ -1,27 +1,13 @@
-"""Quantizer registry: `@register_quantizer("name")` on a Quantizer subclass (as timm registers models)."""
+"""Quantizer registry: `@register_quantizer("name")` on a Quantizer subclass (bqat.registry)."""
 
 from __future__ import annotations
 
-import warnings
+from bqat.registry import Registry
 
-from bqat.errors import UserError
-
-QUANTIZERS: dict[str, type] = {}
-
-
-def register_quantizer(name: str):
-    def decorator(cls):
-        if name in QUANTIZERS:
-            warnings.warn(f"quantizer {name!r} registered twice; the later one wins", stacklevel=2)
-        QUANTIZERS[name] = cls
-        cls.registered_name = name
-        return cls
-
-    return decorator
+QUANTIZERS = Registry("quant", extra=("none",))  # quant=none: the twin keeps float layers
+register_quantizer = QUANTIZERS.register
 
 
 def get_quantizer(name: str) -> type:
-    if name not in QUANTIZERS:
-        known = ", ".join(sorted(QUANTIZERS) + ["none"])
-        raise UserError(f"unknown quantizer {name!r}; choose one of: {known} (quant=<name>)")
+    """The quantizer class registered as `name` (one UserError line naming the choices if none is)."""
     return QUANTIZERS[name]

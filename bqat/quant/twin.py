@@ -11,8 +11,10 @@ from typing import Callable
 
 from torch import nn
 
+from bqat.config import bits_config, default_option, named_config
 from bqat.errors import UserError
 from bqat.models.graph import TraceError, residual_points
+from bqat.quant.mixed import apply_patterns, describe, layer_patterns
 from bqat.quant.modules import QUANT_MODULES, QConv2d, attach_output_quantizer
 from bqat.quant.registry import get_quantizer
 
@@ -82,6 +84,28 @@ def layer_bits(name: str, bits_cfg, edges: tuple[str, str], depthwise: bool = Fa
     return int(bits_cfg.w), int(bits_cfg.a)
 
 
+def model_name(model: nn.Module) -> str:
+    """timm's architecture name of `model` (`resnet20`), else its class name: for messages."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def layer_widths(model: nn.Module, bits_cfg, name: str | None = None) -> dict[str, tuple[int | None, int | None]]:
+    """(weight bits, input bits) of every quantizable layer of `model`, None where it stays float.
+
+    The uniform rules (`bits.w`, `bits.a`, `bits.depthwise`, `bits.first_last`) first, then
+    the `bits.layers` globs in order, the last match winning (bqat.quant.mixed). Depends on
+    the layer names only, so it can run on the FP model before anything is trained; `name`
+    (the model's config name) is what an error calls the model.
+    """
+    edges = first_last_names(model)
+    widths = {}
+    for layer, m in quantizable_layers(model):
+        bits = layer_bits(layer, bits_cfg, edges, depthwise=is_depthwise(m))
+        widths[layer] = (None, None) if bits is None else bits
+    return apply_patterns(widths, layer_patterns(bits_cfg), name or model_name(model))
+
+
 def swap_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
     """Replace every Conv2d/Linear `m` named `name` with make(name, m), unless it returns None."""
     for name, module in quantizable_layers(model):
@@ -123,8 +147,18 @@ def weights_per_channel(setting, model: nn.Module) -> bool:
     raise UserError(f"quant.per_channel must be true, false or auto, got {setting!r}")
 
 
-def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
-    """Deep copy of `fp` with quantized Conv2d/Linear layers, per the quant and bits configs."""
+def make_twin(fp: nn.Module, quant=None, bits=None) -> nn.Module:
+    """Deep copy of `fp` whose Conv2d/Linear layers quantize their weights and input activations.
+
+    `quant`: a quantizer name ('lsq', 'lsqplus', 'pact', 'dorefa', 'ewgs', 'none'), a dict with a
+    'name' and some of its options (`{"name": "lsq", "per_channel": True}`; the rest from
+    conf/quant/<name>.yaml), or the `quant` config. `bits`: an int (weights and activations),
+    a conf/bits option ('w2a4'), a dict of w, a, first_last, depthwise, or the `bits` config.
+    None: conf/train.yaml's defaults (lsq, W2A2 with the first conv and the classifier at 8 bits).
+    `fp` is left as it is; the twin's quantizers initialise from the first batch they see.
+    """
+    quant_cfg = named_config("quant", default_option("quant") if quant is None else quant, "quant")
+    bits_cfg = bits_config(default_option("bits") if bits is None else bits)
     twin = copy.deepcopy(fp)
     twin.train()
     for p in twin.parameters():
@@ -132,22 +166,25 @@ def make_twin(fp: nn.Module, quant_cfg, bits_cfg) -> nn.Module:
     if quant_cfg.name == "none":
         return twin
     get_quantizer(quant_cfg.name)  # an unknown name fails once, naming the known ones
-    edges = first_last_names(twin)
+    widths = layer_widths(twin, bits_cfg)
     all_per_channel = weights_per_channel(quant_cfg.per_channel, twin)
-    by_policy: set[str] = set()  # layers the first/last policy keeps float on purpose
+    by_policy: set[str] = set()  # layers the first/last policy or bits.layers keep float on purpose
 
     def make(name, m):
-        bits = layer_bits(name, bits_cfg, edges, depthwise=is_depthwise(m))
-        if bits is None:
+        w_bits, a_bits = widths[name]
+        if w_bits is None and a_bits is None:
             by_policy.add(name)
             return None
         per_channel = all_per_channel or is_depthwise(m)
-        wq = build_quantizer(quant_cfg, bits[0], "weight", per_channel=per_channel, channels=m.weight.shape[0])
-        aq = build_quantizer(quant_cfg, bits[1], "act")
+        # Each quantizer gets its own width; a width of None (fp) leaves that tensor float.
+        wq = None if w_bits is None else build_quantizer(quant_cfg, w_bits, "weight", per_channel=per_channel, channels=m.weight.shape[0])
+        aq = None if a_bits is None else build_quantizer(quant_cfg, a_bits, "act")
         return QUANT_MODULES[type(m)].from_float(m, wq, aq)
 
     swap_modules(twin, make)
     report_float_layers(twin, by_policy)
+    if layer_patterns(bits_cfg):
+        log.info(f"twin: per-layer widths (bits.layers): {describe(widths)}")
     return twin
 
 

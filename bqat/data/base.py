@@ -1,32 +1,35 @@
-"""Datasets and loaders.
+"""What every dataset module builds on: the `Data` it returns, the in-memory `TensorLoader`,
+batched augmentation, a stratified split, and the dataset registry.
 
 Small datasets live in memory as tensors and are batched and augmented with tensor ops
-(airbench's habit): an epoch is never bound by image decoding. `build_data(cfg)` returns
-a `Data` with train/val loaders; each dataset is a function registered by name.
+(airbench's habit): an epoch is never bound by image decoding. A dataset is a function
+`(cfg, seed, device) -> Data` registered by name with `@register_dataset("name")`.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from bqat.errors import UserError
+from bqat.registry import Registry
 
-DATASETS: dict[str, Callable] = {}
+DATASETS = Registry("data")
+register_dataset = DATASETS.register
 
 
-def register_dataset(name: str):
-    def decorator(fn):
-        if name in DATASETS:
-            warnings.warn(f"dataset {name!r} registered twice; the later one wins", stacklevel=2)
-        DATASETS[name] = fn
-        return fn
+def host_to(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor (batch indices, random draws) on `device` without a host sync.
 
-    return decorator
+    A plain copy to CUDA from pageable memory waits for the GPU to finish its queued work,
+    which would stall the training loop every batch; from pinned memory it is only queued.
+    """
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -40,11 +43,11 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
     rows = torch.arange(h, device=dev).expand(b, h)
     cols = torch.arange(w, device=dev).expand(b, w)
     if pad:
-        rows = rows + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
-        cols = cols + torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)[:, None]
+        rows = rows + host_to(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)[:, None]
+        cols = cols + host_to(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)[:, None]
         x = F.pad(x, (pad, pad, pad, pad))
     if flip:
-        mirrored = (torch.rand(b, generator=generator) < 0.5).to(dev)[:, None]
+        mirrored = host_to(torch.rand(b, generator=generator) < 0.5, dev)[:, None]
         cols = torch.where(mirrored, cols.flip(1), cols)
     x = x.gather(2, rows[:, None, :, None].expand(b, c, h, x.shape[3]))
     return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
@@ -57,22 +60,21 @@ class TensorLoader:
     (e.g. uint8 -> normalised float). The tensors may live on the training device; batches
     are then cut and augmented there.
 
-    `rank`/`world_size` shard it for data-parallel training: every rank walks the same
-    seeded permutation in *global* batches of batch_size * world_size images, augments the
-    whole global batch (same random draws on every rank) and keeps its own slice. So a run
-    on N ranks sees exactly the batches, augmentations included, of one process with N
-    times the batch size.
+    `shard(rank, world_size)` makes it serve one rank of a data-parallel run: every rank
+    walks the same seeded permutation in *global* batches of batch_size * world_size
+    images, augments the whole global batch (same random draws on every rank) and keeps
+    its own slice. So a run on N ranks sees exactly the batches, augmentations included,
+    of one process with N times the batch size.
     """
 
-    def __init__(self, images, labels, batch_size, shuffle=False, drop_last=False, augment=None, seed=0, rank=0, world_size=1,
-                 transform=None):
+    def __init__(self, images, labels, batch_size, shuffle=False, drop_last=False, augment=None, seed=0, transform=None):
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment, self.transform = augment, transform
         self.generator = torch.Generator().manual_seed(seed)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = 0, 1  # unsharded until shard()
 
     def reseed(self, seed: int) -> None:
         """Restart the shuffle/augmentation stream (so twin training never depends on partner training)."""
@@ -101,7 +103,7 @@ class TensorLoader:
             batch = idx[start : start + global_batch]
             if self.drop_last and len(batch) < global_batch:
                 break
-            batch = batch.to(self.images.device)
+            batch = host_to(batch, self.images.device)
             x, y = self.images[batch], self.labels[batch]
             if self.augment is not None:
                 x = self.augment(x, self.generator)
@@ -112,6 +114,16 @@ class TensorLoader:
             if self.transform is not None:
                 x = self.transform(x)
             yield x, y
+
+
+def train_drop_last(cfg) -> bool:
+    """`data.drop_last` (default true): the training loader drops the last incomplete batch, so
+    every step sees the same shapes (one compiled graph, one CUDA graph; no recompile at the
+    end of each epoch). Validation never drops a batch."""
+    value = cfg.get("drop_last", True)
+    if not isinstance(value, bool):
+        raise UserError(f"data.drop_last must be true or false, got {value!r}")
+    return value
 
 
 @dataclass
@@ -139,33 +151,3 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int = 0) -
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
     return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
-
-
-@register_dataset("digits")
-def digits(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
-    """scikit-learn's 1797 handwritten digits (8x8, 0..16), upsampled to image_size, 3 channels."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
-    images = F.interpolate(images, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
-    images = ((images - images.mean()) / images.std()).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.tensor(bunch.target, dtype=torch.long)
-    tr, va = stratified_split(labels, cfg.val_fraction)
-    pad = max(1, cfg.image_size // 16)
-
-    def augment(x, g):
-        return random_crop_flip(x, pad, flip=False, generator=g)
-
-    train = TensorLoader(images[tr], labels[tr], cfg.batch_size, shuffle=True, drop_last=True, augment=augment, seed=seed, rank=rank, world_size=world_size)
-    val = TensorLoader(images[va], labels[va], cfg.batch_size, rank=rank, world_size=world_size)
-    return Data(train, val, 10, (3, cfg.image_size, cfg.image_size), "digits")
-
-
-def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
-    """The `data` group's dataset; `device` is where in-memory datasets keep their tensors."""
-    import bqat.datasets  # noqa: F401  (registers cifar10/cifar100/imagenet/imagefolder; imports this module)
-
-    if cfg.name not in DATASETS:
-        raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(sorted(DATASETS))} (data=<name>)")
-    return DATASETS[cfg.name](cfg, seed=seed, rank=rank, world_size=world_size, device=device)

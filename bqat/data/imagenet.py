@@ -17,13 +17,13 @@ from pathlib import Path
 import timm.data
 from omegaconf import OmegaConf
 
-from bqat.data import Data, register_dataset
-from bqat.datasets.files import check_memory, find_split, list_images, load_split, fixed_shuffle, read_rgb_pil
-from bqat.datasets.loaders import ImageDataset, StreamLoader, memory_loaders, stream_pair
+from bqat.data.base import Data, register_dataset
+from bqat.data.files import check_memory, find_split, list_images, load_split, fixed_shuffle, read_rgb_pil
+from bqat.data.loaders import ImageDataset, StreamLoader, memory_loaders, stream_pair
 from bqat.errors import UserError
 
 
-def image_folders(cfg, name: str, seed: int, rank: int, world_size: int, device) -> Data:
+def image_folders(cfg, name: str, seed: int, device) -> Data:
     where = f"{cfg.root or '<folder>'}/train/<class>/*.jpg and {cfg.root or '<folder>'}/val/<class>/*.jpg (or test/)"
     if not cfg.root:
         raise UserError(f"data.root is not set: pass data.root=<folder> holding {where}")
@@ -44,29 +44,29 @@ def image_folders(cfg, name: str, seed: int, rank: int, world_size: int, device)
         xs = [load_split(images, size, workers, cfg.get("cache_dir"), name) for images in (train, val)]
         pad = size // 8 if cfg.get("pad") is None else int(cfg.pad)
         train_loader, val_loader = memory_loaders(xs[0], train.labels, xs[1], val.labels, cfg=cfg, pad=pad, seed=seed,
-                                                  rank=rank, world_size=world_size, device=device)
+                                                  device=device)
     else:
-        train_loader, val_loader = stream_loaders(train, val, cfg, size, seed, rank, world_size, device)
+        train_loader, val_loader = stream_loaders(train, val, cfg, size, seed, device)
     return Data(train_loader, val_loader, len(train.classes), (3, size, size), name)
 
 
-def stream_loaders(train, val, cfg, size, seed, rank, world_size, device) -> tuple[StreamLoader, StreamLoader]:
+def stream_loaders(train, val, cfg, size, seed, device) -> tuple[StreamLoader, StreamLoader]:
     common_tf = dict(mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation)
     extra = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else {}
     train_tf = timm.data.create_transform(size, is_training=True, **common_tf, **extra)
     val_tf = timm.data.create_transform(size, is_training=False, crop_pct=cfg.crop_pct, **common_tf)
     return stream_pair(ImageDataset(train.labels, train_tf, paths=train.paths, read=read_rgb_pil),
                        ImageDataset(val.labels, val_tf, paths=val.paths, read=read_rgb_pil),
-                       cfg=cfg, seed=seed, rank=rank, world_size=world_size, device=device)
+                       cfg=cfg, seed=seed, device=device)
 
 
 @register_dataset("imagenet")
-def imagenet(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
+def imagenet(cfg, seed: int = 0, device=None) -> Data:
     """ImageNet-1k (ILSVRC-2012) as train/ and val/ class folders (val sorted into classes)."""
-    return image_folders(cfg, "imagenet", seed, rank, world_size, device)
+    return image_folders(cfg, "imagenet", seed, device)
 
 
 @register_dataset("imagefolder")
-def imagefolder(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
+def imagefolder(cfg, seed: int = 0, device=None) -> Data:
     """Any train/ + val/ (or test/) image-folder tree; the class count comes from the folders."""
-    return image_folders(cfg, "imagefolder", seed, rank, world_size, device)
+    return image_folders(cfg, "imagefolder", seed, device)

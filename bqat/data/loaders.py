@@ -7,8 +7,9 @@
   persistent workers applies per-image transforms (torchvision's or timm's); for data
   that does not fit in memory, such as ImageNet.
 
-Both shard by `rank`/`world_size` (TensorLoader: a slice of every global batch;
-StreamLoader: rank::world_size of each epoch's permutation), keep the validation order
+Both start unsharded and serve one data-parallel rank after `shard(rank, world_size)`
+(TensorLoader: a slice of every global batch; StreamLoader: rank::world_size of each
+epoch's permutation), keep the validation order
 fixed, and restart their random stream with `reseed(seed)`.
 """
 
@@ -23,8 +24,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from bqat.data import TensorLoader, random_crop_flip
+from bqat.data.base import TensorLoader, random_crop_flip, train_drop_last
 from bqat.errors import UserError
+from bqat.preempt import leave_signals_to_the_main_process
 
 
 def normalizer(mean, std, device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -34,7 +36,7 @@ def normalizer(mean, std, device) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: (x.float() - shift) / scale
 
 
-def memory_loaders(train_x, train_y, val_x, val_y, *, cfg, pad, seed, rank, world_size, device) -> tuple[TensorLoader, TensorLoader]:
+def memory_loaders(train_x, train_y, val_x, val_y, *, cfg, pad, seed, device) -> tuple[TensorLoader, TensorLoader]:
     """Train/val TensorLoaders over uint8 tensors moved to `device` once.
 
     Training batches get a `pad`-pixel zero-padded random crop and a horizontal flip (on
@@ -47,8 +49,9 @@ def memory_loaders(train_x, train_y, val_x, val_y, *, cfg, pad, seed, rank, worl
     def augment(x, g):
         return random_crop_flip(x, pad, flip=True, generator=g)
 
-    common = dict(transform=normalize, seed=seed, rank=rank, world_size=world_size)
-    train = TensorLoader(train_x.to(device), train_y.to(device), cfg.batch_size, shuffle=True, drop_last=True, augment=augment, **common)
+    common = dict(transform=normalize, seed=seed)
+    train = TensorLoader(train_x.to(device), train_y.to(device), cfg.batch_size, shuffle=True, drop_last=train_drop_last(cfg),
+                         augment=augment, **common)
     val = TensorLoader(val_x.to(device), val_y.to(device), cfg.batch_size, **common)
     return train, val
 
@@ -77,12 +80,12 @@ class ShardSampler(Sampler):
         return (self.n + self.world_size - 1 - self.rank) // self.world_size
 
 
-def stream_pair(train: Dataset, val: Dataset, *, cfg, seed, rank, world_size, device) -> tuple["StreamLoader", "StreamLoader"]:
-    """Train (shuffled, last partial batch dropped) and val StreamLoaders at `cfg.batch_size`,
-    with `cfg.num_workers` workers and pinned memory when training on CUDA."""
+def stream_pair(train: Dataset, val: Dataset, *, cfg, seed, device) -> tuple["StreamLoader", "StreamLoader"]:
+    """Train (shuffled, last partial batch dropped unless data.drop_last=false) and val StreamLoaders at
+    `cfg.batch_size`, with `cfg.num_workers` workers and pinned memory when training on CUDA."""
     pin = torch.device(device or "cpu").type == "cuda"
-    common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=stream_workers(cfg), pin_memory=pin)
-    return (StreamLoader(train, cfg.batch_size, shuffle=True, drop_last=True, **common),
+    common = dict(seed=seed, num_workers=stream_workers(cfg), pin_memory=pin)
+    return (StreamLoader(train, cfg.batch_size, shuffle=True, drop_last=train_drop_last(cfg), **common),
             StreamLoader(val, cfg.batch_size, **common))
 
 
@@ -98,17 +101,18 @@ class StreamLoader:
     restoring `generator`'s state (bqat.resume) replay an epoch exactly.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, shuffle=False, drop_last=False, seed=0, rank=0, world_size=1,
+    def __init__(self, dataset: Dataset, batch_size: int, *, shuffle=False, drop_last=False, seed=0,
                  num_workers=0, pin_memory=False):
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
         self.batch_size, self.drop_last = batch_size, drop_last
         self.generator = torch.Generator().manual_seed(seed)
-        self.sampler = ShardSampler(len(dataset), shuffle, self.generator, rank, world_size)
+        self.sampler = ShardSampler(len(dataset), shuffle, self.generator)
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last, num_workers=int(num_workers),
             pin_memory=bool(pin_memory), persistent_workers=int(num_workers) > 0,
             generator=torch.Generator().manual_seed(0),  # workers' base seed: unused, and keeps torch's global RNG untouched
+            worker_init_fn=leave_signals_to_the_main_process,  # Ctrl-C reaches the workers too; the main process stops them
         )
 
     def reseed(self, seed: int) -> None:

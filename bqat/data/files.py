@@ -157,7 +157,7 @@ def load_split(images: ImageList, size: int, workers: int, cache_dir: str | None
     log.info(f"data: decoding {len(images.paths)} images of {images.root} at {size}px ({workers} threads)")
     decoded = decode_images(images.paths, size, workers)
     if cache is not None:
-        atomic_save(decoded, cache)
+        atomic_save(decoded, cache, hint=", or cache decoded images elsewhere (data.cache_dir=<folder>) or not at all (data.cache_dir=null)")
     return decoded
 
 

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 
-from bqat.data import Data, register_dataset
-from bqat.datasets.files import FitSize, check_memory, find_split, fit_size, list_images, load_split, fixed_shuffle, read_rgb_pil
-from bqat.datasets.loaders import ImageDataset, StreamLoader, memory_loaders, stream_pair
+from bqat.data.base import Data, register_dataset
+from bqat.data.files import FitSize, check_memory, find_split, fit_size, list_images, load_split, fixed_shuffle, read_rgb_pil
+from bqat.data.loaders import ImageDataset, StreamLoader, memory_loaders, stream_pair
 from bqat.errors import UserError
 
 log = logging.getLogger("bqat")
@@ -113,7 +113,7 @@ def download(root: Path, rel: Release) -> Path:
     return root / rel.folder
 
 
-def cifar(cfg, name: str, seed: int, rank: int, world_size: int, device) -> Data:
+def cifar(cfg, name: str, seed: int, device) -> Data:
     rel = RELEASES[name]
     root, size = Path(cfg.root or ""), int(cfg.image_size)
     folder = locate_release(cfg, rel)
@@ -125,9 +125,9 @@ def cifar(cfg, name: str, seed: int, rank: int, world_size: int, device) -> Data
     if cfg.in_memory:
         x, y = memory_tensors(splits, size, cfg, rel, root)
         train, val = memory_loaders(x["train"], y["train"], x["test"], y["test"], cfg=cfg, pad=int(cfg.pad), seed=seed,
-                                    rank=rank, world_size=world_size, device=device)
+                                    device=device)
     else:
-        train, val = stream_loaders(splits, cfg, size, seed, rank, world_size, device)
+        train, val = stream_loaders(splits, cfg, size, seed, device)
     return Data(train, val, rel.num_classes, (3, size, size), name)
 
 
@@ -174,7 +174,7 @@ def memory_tensors(splits: dict, size: int, cfg, rel: Release, root: Path) -> tu
     return x, y
 
 
-def stream_loaders(splits: dict, cfg, size: int, seed, rank, world_size, device) -> tuple[StreamLoader, StreamLoader]:
+def stream_loaders(splits: dict, cfg, size: int, seed, device) -> tuple[StreamLoader, StreamLoader]:
     """torchvision's classic CIFAR pipeline per image, in DataLoader workers."""
     tail = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     train_tf = T.Compose([FitSize(size), T.RandomCrop(size, padding=int(cfg.pad)), T.RandomHorizontalFlip(), *tail])
@@ -186,16 +186,16 @@ def stream_loaders(splits: dict, cfg, size: int, seed, rank, world_size, device)
             return ImageDataset(torch.as_tensor(entry[1]), transform, pixels=entry[0])
         return ImageDataset(entry.labels, transform, paths=entry.paths, read=read_rgb_pil)
 
-    return stream_pair(dataset("train", train_tf), dataset("test", val_tf), cfg=cfg, seed=seed, rank=rank, world_size=world_size, device=device)
+    return stream_pair(dataset("train", train_tf), dataset("test", val_tf), cfg=cfg, seed=seed, device=device)
 
 
 @register_dataset("cifar10")
-def cifar10(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
+def cifar10(cfg, seed: int = 0, device=None) -> Data:
     """CIFAR-10: 50,000 train / 10,000 test 32x32 images in 10 classes."""
-    return cifar(cfg, "cifar10", seed, rank, world_size, device)
+    return cifar(cfg, "cifar10", seed, device)
 
 
 @register_dataset("cifar100")
-def cifar100(cfg, seed: int = 0, rank: int = 0, world_size: int = 1, device=None) -> Data:
+def cifar100(cfg, seed: int = 0, device=None) -> Data:
     """CIFAR-100: 50,000 train / 10,000 test 32x32 images in 100 (fine) classes."""
-    return cifar(cfg, "cifar100", seed, rank, world_size, device)
+    return cifar(cfg, "cifar100", seed, device)
