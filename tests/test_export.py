@@ -116,6 +116,7 @@ def test_export_writes_the_files_and_the_report(run):
     # twins are the place for the agreement >= 0.999 check; here the graph is checked against its view.
     assert 0 <= report["agreement"] <= 1 and report["max_abs_logit_diff"] < 5
     assert report["rebuilt_max_abs_logit_diff"] <= FOLD_TOLERANCE  # BatchNorm folded: equal to float rounding
+    assert report["rebuilt_within_tolerance"] == 1.0 and report["fold_tolerance"] == FOLD_TOLERANCE
     assert report["val_images"] == 64  # one batch
     assert report["fold_bn"] is True and report["folded_bn"] == 19 and report["batchnorm_left"] == 0
 

@@ -42,6 +42,7 @@ def print_report(report: dict, out: Path, console: Console | None = None) -> Non
     table.add_row(f"top-1 agreement ({report['val_images']} images)", f"{report['agreement']:.4f}")
     table.add_row("max |logit diff|, ONNX vs twin", f"{report['max_abs_logit_diff']:.2e}")
     table.add_row("max |logit diff|, rebuilt vs twin", f"{report['rebuilt_max_abs_logit_diff']:.2e}")
+    table.add_row(f"images within {report['fold_tolerance']:g}, rebuilt vs twin", f"{report['rebuilt_within_tolerance']:.4f}")
     table.add_row("fp32 / packed bytes", f"{report['fp32_bytes']} / {report['packed_bytes']} = {report['compression']:.1f}x")
     table.add_row("BatchNorm folded / left", f"{report['folded_bn']} / {report['batchnorm_left']}")
     table.add_row("integer ops in onnxruntime (quantized layers)", f"{report['integer_ops']} ({report['quantized_ops']})")

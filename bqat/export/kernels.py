@@ -26,6 +26,7 @@ DATA_OPS = {"QuantizeLinear", "DequantizeLinear", "Clip", "Transpose", "Reshape"
 # right after it; a conv whose bias would move it more (an 8-bit conv, whose codes cannot be
 # stretched: the stem) stays in float, so that the integer graph keeps the twin's codes.
 BIAS_TOLERANCE = 0.01
+Q_COMMUTES = ("MaxPool", "Reshape", "Transpose")
 LEVELS = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
@@ -51,6 +52,21 @@ def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
+def _readers_after(node: onnx.NodeProto, consumers: dict) -> tuple[str, list]:
+    """The op output a Conv's QuantizeLinear would read, and its readers.
+
+    onnxruntime drops a Relu/Clip right after the conv that its QuantizeLinear makes redundant,
+    and moves a QuantizeLinear up through MaxPool, Reshape and Transpose (which commute with
+    it) when each is the only reader; both are followed here."""
+    out = node.output[0]
+    readers = consumers.get(out, [])
+    if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
+        out, readers = readers[0].output[0], consumers.get(readers[0].output[0], [])
+    while len(readers) == 1 and readers[0].op_type in Q_COMMUTES:
+        out, readers = readers[0].output[0], consumers.get(readers[0].output[0], [])
+    return out, readers
+
+
 def _float_reason(node: onnx.NodeProto, producer: dict, consumers: dict, outputs: set[str]) -> str | None:
     """Why onnxruntime cannot fuse this Conv/Gemm into an integer operator (None: it can)."""
     feeds = [producer.get(name) for name in node.input if name]
@@ -62,10 +78,7 @@ def _float_reason(node: onnx.NodeProto, producer: dict, consumers: dict, outputs
             return f"its {what[i]} is not an integer constant" + (" (the input's zero point is not an integer)" if i == 2 else "")
     if node.op_type == "Gemm":
         return None  # QGemm may output float
-    out = node.output[0]
-    readers = consumers.get(out, [])
-    if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):  # onnxruntime drops an activation its Q makes redundant
-        out, readers = readers[0].output[0], consumers.get(readers[0].output[0], [])
+    out, readers = _readers_after(node, consumers)
     if out in outputs or not readers or any(r.op_type != "QuantizeLinear" for r in readers) or len(readers) > 1:
         kinds = sorted({r.op_type for r in readers if r.op_type != "QuantizeLinear"}) or (["a second quantizer"] if len(readers) > 1 else ["the graph output"])
         return f"its output goes on in float to {', '.join(kinds)} (no quantizer right after it)"
@@ -83,7 +96,7 @@ def _constant(model: onnx.ModelProto, name: str):
 
 
 def output_steps(model: onnx.ModelProto) -> dict[str, float]:
-    """Layer name -> the step of the QuantizeLinear right after its Conv (through a Relu/Clip)."""
+    """Layer name -> the step of the QuantizeLinear right after its Conv (`_readers_after`)."""
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for name in n.input:
@@ -92,9 +105,7 @@ def output_steps(model: onnx.ModelProto) -> dict[str, float]:
     for node in model.graph.node:
         if node.op_type != "Conv":
             continue
-        readers = consumers.get(node.output[0], [])
-        if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
-            readers = consumers.get(readers[0].output[0], [])
+        _, readers = _readers_after(node, consumers)
         if len(readers) == 1 and readers[0].op_type == "QuantizeLinear":
             scale = _constant(model, readers[0].input[1])
             if scale is not None:
