@@ -43,7 +43,7 @@ def _hybrid(quant):
         fp.train()(torch.randn(16, 3, 16, 16))
     fp.eval()
     twin = make_twin(fp, OmegaConf.create({"name": quant, "per_channel": False}), OmegaConf.create({"w": 2, "a": 2, "first_last": 8}))
-    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0})
+    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0})
     return BlockReplacement(twin, fp, default_boundaries(fp), OmegaConf.create({"name": "prefix"}), loss_cfg).train()
 
 

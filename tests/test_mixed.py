@@ -179,7 +179,7 @@ def mixed_hybrid(run_dir, layers):
     fp = timm.create_model("resnet20", num_classes=10).eval()
     cfg = OmegaConf.create({"resume": True, "seed": 0, "bits": bits(layers)})
     twin = make_twin(fp, LSQ_CFG, cfg.bits)
-    loss = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0})
+    loss = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0})
     hybrid = BlockReplacement(twin, fp, default_boundaries(fp), OmegaConf.create({"name": "prefix"}), loss)
     with torch.no_grad():
         hybrid.twin.train()(x[:8])  # quantizer initialisation, as train.py does

@@ -13,7 +13,7 @@ from bqat.models.cifar_resnet import CifarResNet
 from bqat.quant import make_twin
 from bqat.replace import BlockReplacement, prefix_path
 
-LOSS = {"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0}
+LOSS = {"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0}
 
 
 def tiny(schedule="prefix", **loss):
@@ -233,3 +233,16 @@ def test_bad_loss_values_are_one_line_errors(compose_cfg, key, value, message):
             validate(compose_cfg(f"loss.{key}={value}"))
     # Older configs and checkpoints lack the new keys: the defaults apply.
     assert Objective.from_cfg(LOSS) == Objective()
+
+
+
+def test_runner_defaults_and_older_configs(compose_cfg):
+    """bqat-train's default objective is the ablation's best (both KD terms on); a loss config
+    that predates a key (an older run, a library call) keeps that term off."""
+    from bqat.objective import Objective
+
+    runner = Objective.from_cfg(compose_cfg().loss)
+    assert (runner.w_mix, runner.w_kd, runner.w_mp_kd, runner.T) == (1.0, 1.0, 1.0, 1.0)
+    assert (runner.path_weights, runner.mp_teacher_grad) == ("uniform", False)
+    older = Objective.from_cfg({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0})
+    assert older.w_mp_kd == 0.0 and older == Objective() == Objective.from_cfg(None)

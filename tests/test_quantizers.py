@@ -195,7 +195,7 @@ def test_pact_alpha_l2_regulariser_enters_the_block_replacement_loss():
     assert len(alphas) == 20
     reg = quantizer_regularization(twin)
     assert reg.item() == pytest.approx(20 * 0.5 * 0.01 * 16.0)
-    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0})
+    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0})
     hybrid = BlockReplacement(twin, fp, default_boundaries(fp), OmegaConf.create({"name": "none"}), loss_cfg).train()
     loss, logs = hybrid.training_step(x, y)
     assert logs["reg/quant"].item() == pytest.approx(reg.item())

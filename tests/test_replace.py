@@ -25,7 +25,7 @@ def build(schedule="prefix", w_kd=0.0, model="resnet20"):
     fp.eval()
     twin = make_twin(fp, OmegaConf.create({"name": "lsq", "per_channel": False}), OmegaConf.create({"w": 2, "a": 2, "first_last": 8}))
     twin(torch.randn(8, 3, 32, 32))  # initialise step sizes
-    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": w_kd, "T": 2.0})
+    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": w_kd, "T": 2.0, "w_mp_kd": 0.0})
     hybrid = BlockReplacement(twin, fp, default_boundaries(fp), OmegaConf.create({"name": schedule}), loss_cfg)
     return hybrid.train()
 

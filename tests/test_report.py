@@ -18,7 +18,7 @@ def write_run(root, name, **fields):
         "top1": 50.0, "best_top1": None, "epoch": 10, "model": "resnet20", "quant": "lsq", "schedule": "none",
         "bits_w": 2, "bits_a": 2, "first_last": "8", "resumed_from_epoch": None, "world_size": 1,
         "wall_seconds": 100.0, "train_seconds": 80.0, "partner_top1": 98.0, "mixed_top1": [], "seed": 0,
-        "data": "digits", "loss": {"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0},
+        "data": "digits", "loss": {"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0},
     }
     metrics.update(fields)
     if metrics["best_top1"] is None:

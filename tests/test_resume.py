@@ -62,7 +62,7 @@ def build_run(tmp_path, seed=0, perturb_partner=False, run_cfg=RUN_CFG):
         with torch.no_grad():
             fp.conv1.weight.add_(1.0)
     twin = make_twin(fp, OmegaConf.create({"name": "lsq", "per_channel": False}), OmegaConf.create({"w": 2, "a": 2, "first_last": 8}))
-    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "linear", "w_kd": 0.5, "T": 2.0})
+    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "linear", "w_kd": 0.5, "T": 2.0, "w_mp_kd": 0.0})
     hybrid = BlockReplacement(twin, fp, default_boundaries(fp), OmegaConf.create({"name": "prefix"}), loss_cfg, seed=seed)
     with torch.no_grad():
         hybrid.twin.train()(next(iter(train))[0])  # quantizer initialisation, as train.py does

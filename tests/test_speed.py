@@ -106,7 +106,7 @@ def tiny_hybrid():
         fp.train()(torch.randn(8, 3, 8, 8))
     fp.eval()
     twin = make_twin(fp, OmegaConf.create({"name": "lsq", "per_channel": False, "compile": "auto"}), OmegaConf.create({"w": 2, "a": 2, "first_last": 8}))
-    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0})
+    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0})
     hybrid = BlockReplacement(twin, fp, default_boundaries(fp), OmegaConf.create({"name": "prefix"}), loss_cfg).train()
     with torch.no_grad():
         twin(torch.randn(8, 3, 8, 8))  # quantizer initialisation reads values once, before training

@@ -79,7 +79,7 @@ def test_family_splits_exactly_and_trains_one_block_replacement_step(name, kwarg
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, *SIZE, generator=g), torch.randint(0, 10, (4,), generator=g)
     twin(x)  # initialise the step sizes
-    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 1.0, "T": 2.0})
+    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 1.0, "T": 2.0, "w_mp_kd": 0.0})
     hybrid = BlockReplacement(twin, fp, boundaries, OmegaConf.create({"name": "prefix"}), loss_cfg).train()
     before = copy.deepcopy(hybrid.partner.state_dict())
 
@@ -182,7 +182,7 @@ def test_depthwise_twin_takes_w2a2_block_replacement_steps_with_the_stability_re
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, *SIZE, generator=g), torch.randint(0, 10, (8,), generator=g)
     twin(x)
-    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0})
+    loss_cfg = OmegaConf.create({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0})
     hybrid = BlockReplacement(twin, fp, boundaries, OmegaConf.create({"name": "prefix"}), loss_cfg).train()
     opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
     keep_scales_positive(opt, twin)
