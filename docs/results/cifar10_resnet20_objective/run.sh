@@ -12,6 +12,8 @@
 # Stages (each prints the overrides it runs; the choices between stages are made from the
 # results of the earlier ones and written into the doc):
 #   grid    W2A2, seed 0: (a) schedule=none and (b) schedule=prefix, CE only, lr 0.01/0.02/0.04
+#           (the grid of 2026-12-01 ran when CE only was the default, without the two loss
+#           keys: its folders in docs/results/ have the names of that command)
 #   extra   any cell given as overrides, e.g. the KD grid:
 #             run.sh extra schedule=prefix optim.optimizer.lr=0.02 loss.w_kd=1 loss.T=1,2,4
 # Environment: CIFAR10 (default ../shared/data/cifar10-jpeg), PARTNER (default
@@ -30,7 +32,7 @@ BQAT=${BQAT:-python -m bqat.train}
 COMMON=(experiment=cifar10_resnet20 "data.root=$CIFAR10" "partner.checkpoint=$PARTNER" "trainer.epochs=$EPOCHS"
         quant.compile=true trainer.progress=false hydra.sweep.dir=outputs/objective)
 case "$STAGE" in
-  grid)  set -- bits=2 seed=0 schedule=none,prefix optim.optimizer.lr=0.01,0.02,0.04 "$@" ;;
+  grid)  set -- bits=2 seed=0 schedule=none,prefix optim.optimizer.lr=0.01,0.02,0.04 loss.w_kd=0 loss.w_mp_kd=0 "$@" ;;
   extra) ;;
   *) echo "unknown stage $STAGE (grid | extra)" >&2; exit 2 ;;
 esac
