@@ -304,14 +304,18 @@ class BlockReplacement(nn.Module):
                 return block(h)
         return block(h)
 
+    def joins_fp_path(self, x: torch.Tensor) -> bool:
+        """Whether batched suffixes also carry the partner's own path (z_0): `batch_fp_path`, or by
+        default on CUDA only (where a call saved is a launch saved)."""
+        return x.is_cuda if self.batch_fp_path is None else self.batch_fp_path
+
     def _partner_groups(self, prefixes: list[str], x: torch.Tensor) -> list[list[str]]:
         """The prefixes entering one partner block, grouped into calls."""
         if not self.batch_paths:
             return [[p] for p in prefixes]
         trainable = [p for p in prefixes if "q" in p]
         fp_only = [p for p in prefixes if "q" not in p]
-        join = x.is_cuda if self.batch_fp_path is None else self.batch_fp_path
-        if join and trainable:
+        if self.joins_fp_path(x) and trainable:
             return [trainable + fp_only]
         return [g for g in (trainable, fp_only) if g]
 

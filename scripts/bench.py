@@ -385,7 +385,7 @@ def expected_partner_calls(bench, n: int) -> dict:
     if not bench.cfg.loss.w_kd > 0:
         return {"bwrf": n * (n - 1) // 2, "bwrf_batched": n - 1}
     hybrid = bench.hybrids["batched"] if bench.batched else None
-    joined = hybrid is not None and (bench.x.is_cuda if hybrid.batch_fp_path is None else hybrid.batch_fp_path)
+    joined = hybrid is not None and hybrid.joins_fp_path(bench.x)
     return {"bwrf": n * (n - 1) // 2 + n, "bwrf_batched": n if joined else n - 1 + n}
 
 

@@ -365,6 +365,13 @@ def plot(rows: list[dict], path: Path, name: str) -> None:
         ax.set_title(f"{model} on {data}, first/last {first_last}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    save_figure(fig, path, name)
+
+
+def save_figure(fig, path: Path, name: str) -> None:
+    """Title, lay out, write at 120 dpi and free a report figure."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -408,10 +415,7 @@ def plot_size(rows: list[dict], path: Path, name: str) -> None:
         ax.set_title(f"{model} on {data}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, name)
 
 
 # ---------------------------------------------------------------- entry point
