@@ -31,7 +31,8 @@ from bqat.quant import QConv2d, make_twin, twin_from_config
 from conftest import CONF, ROOT, run_cli
 
 REPORT_KEYS = {"torch_top1", "onnx_top1", "agreement", "max_abs_logit_diff", "fp32_bytes", "packed_bytes", "integer_ops",
-               "quantized_ops", "float_ops", "float_layers", "latency_ms", "speedup", "latency_settings", "folded_bn"}
+               "quantized_ops", "float_ops", "float_layers", "latency_ms", "speedup", "latency_settings", "folded_bn",
+               "op_profile_ms"}
 FOLD_TOLERANCE = 1e-4  # folded vs trained twin, max |logit difference| (README, "Exporting a run")
 
 
@@ -136,6 +137,13 @@ def test_report_holds_latency_of_both_graphs(run):
     for batch, speedup in report["speedup"].items():
         assert speedup == pytest.approx(report["latency_ms"]["fp32"][batch] / report["latency_ms"]["integer"][batch], rel=1e-2)
     assert report["latency_settings"]["threads"] == 1 and report["latency_settings"]["runs"] == 2
+    # Where the time goes at batch 32, per operator type of each optimised graph.
+    profile = report["op_profile_ms"]
+    assert set(profile) == {"fp32", "integer"}
+    assert profile["integer"]["QLinearConv"] > 0 and "QGemm" in profile["integer"]
+    assert not any(op.startswith("QLinear") or op == "QuantizeLinear" for op in profile["fp32"])
+    assert all(ms > 0 for graph in profile.values() for ms in graph.values())
+    assert list(profile["fp32"].values()) == sorted(profile["fp32"].values(), reverse=True)
 
 
 def test_packed_codes_are_the_twins_grid(run):
@@ -214,7 +222,8 @@ def test_onnx_graph_is_laid_out_for_integer_kernels(run):
     layers = len(quantized_layers(twin))
     assert layers == 20  # 19 convs + fc
     assert counts["QuantizeLinear"] == layers  # one per input activation
-    assert counts["DequantizeLinear"] == 3 * layers - len(float_layers)  # activation, int8 weight, int32 bias where it fuses
+    # activation; int8 weight and int32 bias where it fuses (a float layer has constant float ones)
+    assert counts["DequantizeLinear"] == 3 * layers - 2 * len(float_layers)
     assert counts["Clip"] == layers - 2  # the 2-bit grids inside uint8; conv1's and fc's 8-bit grids fill it
     assert "BatchNormalization" not in counts
     producer = {out: node for node in model.graph.node for out in node.output}
@@ -222,15 +231,16 @@ def test_onnx_graph_is_laid_out_for_integer_kernels(run):
     constants.update({n.output[0]: n.attribute[0].t.data_type for n in model.graph.node if n.op_type == "Constant"})
     for node in model.graph.node:
         if node.op_type in ("Conv", "Gemm"):
-            data, weight = producer[node.input[0]], producer[node.input[1]]
-            assert data.op_type == weight.op_type == "DequantizeLinear"
-            assert constants[weight.input[0]] == onnx.TensorProto.INT8
+            data = producer[node.input[0]]
+            assert data.op_type == "DequantizeLinear"
             q = producer[data.input[0]]
             q = producer[q.input[0]] if q.op_type == "Clip" else q
             assert q.op_type == "QuantizeLinear" and constants[q.input[2]] == onnx.TensorProto.UINT8
-            if kernels._layer_name(node.name) in float_layers:  # runs in float: the exact float bias
-                assert constants[node.input[2]] == onnx.TensorProto.FLOAT
+            if kernels._layer_name(node.name) in float_layers:  # runs in float: constant float weight and bias
+                assert constants[node.input[1]] == constants[node.input[2]] == onnx.TensorProto.FLOAT
             else:
+                weight = producer[node.input[1]]
+                assert weight.op_type == "DequantizeLinear" and constants[weight.input[0]] == onnx.TensorProto.INT8
                 bias = producer[node.input[2]]
                 assert bias.op_type == "DequantizeLinear" and constants[bias.input[0]] == onnx.TensorProto.INT32
 

@@ -52,6 +52,9 @@ def print_report(report: dict, out: Path, console: Console | None = None) -> Non
     console.print(table)
     if report.get("latency_settings"):
         console.print(f"latency: median of {report['latency_settings']['runs']} runs, {report['latency_settings']['threads']} threads")
+    for graph, ops in report.get("op_profile_ms", {}).items():
+        top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(ops.items())[:4])
+        console.print(f"time by operator, {graph}, batch 32 (ms per run): {top}")
     for layer, why in report["float_layers"].items():
         console.print(f"float in onnxruntime: {layer}: {why}")
     console.print(f"written: {out}/{{weights.safetensors, model.onnx, model_fp32.onnx, model.optimized.onnx, config.yaml, report.json}}")

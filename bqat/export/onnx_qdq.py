@@ -155,6 +155,13 @@ class IntegerLayer(nn.Module):
       forward is the twin's function with the bias rounded to the accumulator grid.
     - "float_output": the same, but the bias stays float: the layer's output goes on in
       float (into a residual add, say), so onnxruntime cannot fuse it anyway.
+    - "float_weight": "float_output" with the dequantized weight as a float constant. The
+      weight behind a DequantizeLinear is recomputed on every run (onnxruntime does not
+      fold DequantizeLinear) and keeps the conv out of the pre-packed, blocked (NCHWc)
+      float kernels: such a conv measured about 2x slower than in model_fp32.onnx. But a
+      float weight is one onnxruntime's WeightBiasQuantization pass may quantize on its
+      own wherever its fusions leave DequantizeLinear -> Conv -> QuantizeLinear (a conv
+      with an unfolded BatchNorm): the export checks that it did not (run.py).
     - "float": no Q/DQ at all: the input grid as float ops (round, clip), the float weight
       and bias. onnxruntime cannot fuse it, nor quantize its weight or bias itself (its
       WeightBiasQuantization / BiasQuantization passes do that wherever a conv reads
@@ -162,7 +169,7 @@ class IntegerLayer(nn.Module):
     `input_size` (H, W), when given, lets a conv drop the kernel taps that only ever read
     padding (`used_taps`): the same outputs for that input size, the one model.onnx takes."""
 
-    MODES = ("integer", "float_output", "float")
+    MODES = ("integer", "float_output", "float_weight", "float")
 
     def __init__(self, layer: nn.Module, input_size: tuple[int, int] | None = None, mode: str = "integer"):
         super().__init__()
@@ -174,7 +181,7 @@ class IntegerLayer(nn.Module):
         self._op = _op(layer, cropped=window is not None)
         wq, aq = layer.weight_quantizer, layer.input_quantizer
         bias = layer.bias.detach() if layer.bias is not None else None
-        self.integer = mode != "float" and isinstance(wq, FixedQuantizer) and torch.equal(wq.zero_point, torch.round(wq.zero_point))
+        self.integer = mode in ("integer", "float_output") and isinstance(wq, FixedQuantizer) and torch.equal(wq.zero_point, torch.round(wq.zero_point))
         on_grid = (mode == "integer" and self.integer and bias is not None and isinstance(aq, FixedQuantizer)
                    and not aq.uint8_container()[2])
         if self.integer:
@@ -250,19 +257,22 @@ def bias_errors(view: nn.Module, twin: nn.Module) -> dict[str, float]:
     return errors
 
 
-def integer_view(twin: nn.Module, example: torch.Tensor | None = None, float_output=(), in_float=()) -> nn.Module:
+def integer_view(twin: nn.Module, example: torch.Tensor | None = None, float_output=(), in_float=(),
+                 float_weight: bool = False) -> nn.Module:
     """A copy of the rebuilt twin whose quantized layers are IntegerLayers (for model.onnx).
 
     With `example` (an input of the exported size) convs drop their padding-only taps. The
-    layers named in `float_output` and `in_float` (True: all) get those IntegerLayer modes;
-    the others are "integer"."""
+    layers named in `float_output` and `in_float` (True: all) get those IntegerLayer modes
+    ("float_weight" instead of "float_output" with `float_weight`); the others are "integer"."""
     view = copy.deepcopy(twin).eval()
     sizes = input_sizes(view, example) if example is not None else {}
 
     def mode(name):
         if in_float is True or name in in_float:
             return "float"
-        return "float_output" if float_output is True or name in float_output else "integer"
+        if float_output is True or name in float_output:
+            return "float_weight" if float_weight else "float_output"
+        return "integer"
 
     for name, layer in quantized_layers(view):
         new = IntegerLayer(layer, sizes.get(name), mode=mode(name))

@@ -11,6 +11,7 @@ its layers onnxruntime runs as integer operators (kernels.py) and how fast (late
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -102,10 +103,24 @@ def export_integer_onnx(rebuilt: nn.Module, path: Path, example: torch.Tensor, o
             exact[name] = (f"its int32 bias would move its output by up to {error / steps[name]:.2f} of the next grid's step "
                            f"(more than {kernels.BIAS_TOLERANCE}): kept in float, exact")
     if float_layers or exact:
-        view = onnx_qdq.integer_view(rebuilt, example, float_output=set(float_layers), in_float=set(exact))
-        model = onnx_qdq.export_onnx(view, path, example, opset=opset)
+        model = _export_float_layers(rebuilt, path, example, opset, set(float_layers), set(exact))
     float_layers.update(exact)
     return model, float_layers
+
+
+def _export_float_layers(rebuilt: nn.Module, path: Path, example: torch.Tensor, opset: int, float_output: set, exact: set):
+    """model.onnx with `float_output` layers on constant float weights (fast float kernels), unless
+    onnxruntime would then quantize one of those weights itself (IntegerLayer's "float_weight"):
+    then with their weights behind DequantizeLinear, as trained."""
+    fused = len(quantized_layers(rebuilt)) - len(float_output) - len(exact)
+    view = onnx_qdq.integer_view(rebuilt, example, float_output=float_output, in_float=exact, float_weight=True)
+    model = onnx_qdq.export_onnx(view, path, example, opset=opset)
+    with tempfile.TemporaryDirectory() as tmp:
+        integer = kernels.summarize(kernels.optimize(path, Path(tmp) / "optimized.onnx"), {}, 0)["integer_ops"]
+    if integer > fused:
+        view = onnx_qdq.integer_view(rebuilt, example, float_output=float_output, in_float=exact)
+        model = onnx_qdq.export_onnx(view, path, example, opset=opset)
+    return model
 
 
 def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_qdq.DEFAULT_OPSET, limit_val_batches: int | None = None,
