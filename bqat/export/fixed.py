@@ -74,7 +74,7 @@ class FixedQuantizer(Quantizer):
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         s, z = self._grid(codes)
-        return (codes.float() - z) * s
+        return (codes.to(s.dtype) - z) * s  # float32, or float64 for a twin in float64
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export() and self.kind == "act":

@@ -3,12 +3,13 @@
 Both graphs run in sessions with the same settings (ORT_ENABLE_ALL, `threads` intra-op
 threads, one inter-op thread, the CPU execution provider). Each batch size is timed as
 `warmup` runs of each model, then rounds that run each model in turn (alternating which
-goes first) for one untimed run and `BLOCK` timed ones, until each has `runs` timed runs:
-a change in machine load hits both alike. The untimed run matters: after a run,
-onnxruntime's idle worker threads spin for a while waiting for more work, and on a small
-machine a session that runs right after another shares the cores with those spinning
-threads (on 2 cores, timing the two models strictly one run each in turn measured both
-about twice as slow as alone). The report gives each model's median in milliseconds. The input is a validation batch
+goes first): untimed runs for at least `SETTLE_S`, then `BLOCK` timed ones, until each has
+`runs` timed runs, so that a change in machine load hits both alike. The untimed runs
+matter: after a run, onnxruntime's idle worker threads spin for a while waiting for more
+work, and on a small machine a session that runs right after another shares the cores with
+those spinning threads (on 2 cores, timing the two models strictly one run each in turn
+measured both about twice as slow as alone). The report gives each model's median in
+milliseconds. The input is a validation batch
 (repeated to the batch size): the integer graph's cost does not depend on the values.
 
 `op_profile` says where that time goes: onnxruntime's own profiler (SessionOptions.
@@ -34,7 +35,8 @@ from bqat.export.kernels import session_options
 
 BATCHES = (1, 32)
 DEFAULT_RUNS = 50  # timed runs per model and batch size (the median is reported)
-BLOCK = 5  # timed runs of one model in a row, after one untimed run
+BLOCK = 10  # timed runs of one model in a row
+SETTLE_S = 0.05  # untimed runs before them, at least this long (the other session's threads stop spinning)
 
 
 def default_threads() -> int:
@@ -62,7 +64,11 @@ def measure(models: dict[str, str | Path], x: torch.Tensor, threads: int, runs: 
         order = list(sessions)
         for i in range(-(-runs // BLOCK)):
             for name in order if i % 2 == 0 else reversed(order):
-                sessions[name].run(None, feed)  # untimed: the other session's threads may still spin
+                settle = time.perf_counter() + SETTLE_S
+                while True:  # untimed: the other session's threads may still spin
+                    sessions[name].run(None, feed)
+                    if time.perf_counter() >= settle:
+                        break
                 for _ in range(min(BLOCK, runs - len(times[name]))):
                     start = time.perf_counter()
                     sessions[name].run(None, feed)
@@ -104,6 +110,6 @@ def latency_report(fp32: Path, integer: Path, x: torch.Tensor, threads: int, run
         "latency_ms": ms,
         "op_profile_ms": {name: op_profile(path, x, threads) for name, path in (("fp32", fp32), ("integer", integer))},
         "speedup": {b: round(ms["fp32"][b] / ms["integer"][b], 3) for b in ms["fp32"]},
-        "latency_settings": {"threads": threads, "runs": runs, "warmup": warmup, "statistic": "median", "block": BLOCK,
+        "latency_settings": {"threads": threads, "runs": runs, "warmup": warmup, "statistic": "median", "block": BLOCK, "settle_s": SETTLE_S,
                              "graph_optimization": "ORT_ENABLE_ALL", "onnxruntime": ort.__version__},
     }
