@@ -152,3 +152,19 @@ def test_report_keys_rows_by_loss_settings_and_lr(tmp_path):
     assert rows[("lsq+prefix", "0.01")]["delta_vs_none"] == "2.00"  # vs plain LSQ at lr 0.01, not 0.04
     assert rows[("lsq+prefix", "0.04")]["delta_vs_none"] == "11.00"
     assert rows[("lsq+prefix+kd1@T2", "0.01")]["delta_vs_none"] == ""  # no plain LSQ with the same distillation
+
+
+def test_report_keeps_twins_with_residual_grids_apart(tmp_path):
+    """A twin trained with twin.residual_bits is another network: its own row, named +res8, compared
+    with plain QAT on the same twin; runs from before the key existed read as the paper's twin."""
+    runs = tmp_path / "runs"
+    write_run(runs, "none", top1=70.0)
+    write_run(runs, "none-res8", top1=69.0, twin_residual_bits=8)
+    write_run(runs, "br", schedule="prefix", top1=72.0, twin_residual_bits=None)
+    write_run(runs, "br-res8", schedule="prefix", top1=75.0, twin_residual_bits=8)
+    proc = run_report(runs, "--name", "t", "--out", tmp_path / "reports")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in read_rows(tmp_path / "reports" / "t")}
+    assert set(rows) == {"lsq", "lsq+res8", "lsq+prefix", "lsq+prefix+res8"}
+    assert all(r["n_seeds"] == "1" for r in rows.values()) and rows["lsq+prefix+res8"]["residual_bits"] == "8"
+    assert rows["lsq+prefix"]["delta_vs_none"] == "2.00" and rows["lsq+prefix+res8"]["delta_vs_none"] == "6.00"
