@@ -143,11 +143,17 @@ def _layer_name(node_name: str) -> str:
     return ".".join(path) or node_name
 
 
+def integer_ops(optimized: onnx.ModelProto) -> int:
+    """How many integer operators (INTEGER_OPS) an optimised graph holds."""
+    counts = op_counts(optimized)
+    return sum(counts[op] for op in INTEGER_OPS)
+
+
 def summarize(optimized: onnx.ModelProto, float_layers: dict[str, str], quantized_ops: int) -> dict:
     """The report's integer_ops, quantized_ops, float_ops and float_layers (from `float_layers(model)`)."""
     counts = op_counts(optimized)
     return {
-        "integer_ops": sum(counts[op] for op in INTEGER_OPS),
+        "integer_ops": integer_ops(optimized),
         "quantized_ops": quantized_ops,
         "integer_op_types": {op: counts[op] for op in INTEGER_OPS if counts[op]},
         "float_ops": {op: n for op, n in sorted(counts.items()) if op not in INTEGER_OPS and op not in DATA_OPS},

@@ -23,8 +23,8 @@ import json
 import os
 import statistics
 import tempfile
-from collections import Counter
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,7 @@ def op_profile(path: str | Path, x: torch.Tensor, threads: int, size: int = BATC
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= first:
             total[e["args"]["op_name"]] += float(e["dur"]) / 1000
-    counted = min(runs, len(starts) - warmup) if len(starts) > warmup else warmup + runs
+    counted = len(starts) - warmup if len(starts) > warmup else warmup + runs
     return {op: round(ms / counted, 4) for op, ms in total.most_common()}
 
 

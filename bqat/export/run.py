@@ -11,7 +11,6 @@ its layers onnxruntime runs as integer operators (kernels.py) and how fast (late
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -85,8 +84,9 @@ def compare(twin, rebuilt, sess, loader, limit=None) -> dict:
     }
 
 
-def export_integer_onnx(rebuilt: nn.Module, path: Path, example: torch.Tensor, opset: int):
-    """model.onnx, and the quantized layers onnxruntime will run in float, with why.
+def export_integer_onnx(rebuilt: nn.Module, path: Path, example: torch.Tensor, opset: int, optimized_path: Path):
+    """model.onnx, onnxruntime's optimised graph of it (saved to `optimized_path`), and the
+    quantized layers onnxruntime will run in float, with why.
 
     A first export shows which convs cannot fuse (kernels.float_layers) and how far each
     fused conv's int32 bias moves its output (onnx_qdq.bias_errors against the step of the
@@ -103,24 +103,27 @@ def export_integer_onnx(rebuilt: nn.Module, path: Path, example: torch.Tensor, o
             exact[name] = (f"its int32 bias would move its output by up to {error / steps[name]:.2f} of the next grid's step "
                            f"(more than {kernels.BIAS_TOLERANCE}): kept in float, exact")
     if float_layers or exact:
-        model = _export_float_layers(rebuilt, path, example, opset, set(float_layers), set(exact))
+        model, optimized = _export_float_layers(rebuilt, path, example, opset, set(float_layers), set(exact), optimized_path)
+    else:
+        optimized = kernels.optimize(path, optimized_path)
     float_layers.update(exact)
-    return model, float_layers
+    return model, optimized, float_layers
 
 
-def _export_float_layers(rebuilt: nn.Module, path: Path, example: torch.Tensor, opset: int, float_output: set, exact: set):
-    """model.onnx with `float_output` layers on constant float weights (fast float kernels), unless
-    onnxruntime would then quantize one of those weights itself (IntegerLayer's "float_weight"):
-    then with their weights behind DequantizeLinear, as trained."""
+def _export_float_layers(rebuilt: nn.Module, path: Path, example: torch.Tensor, opset: int, float_output: set, exact: set,
+                         optimized_path: Path):
+    """model.onnx and its optimised graph, with `float_output` layers on constant float weights
+    (fast float kernels), unless onnxruntime would then quantize one of those weights itself
+    (IntegerLayer's "float_weight"): then with their weights behind DequantizeLinear, as trained."""
     fused = len(quantized_layers(rebuilt)) - len(float_output) - len(exact)
     view = onnx_qdq.integer_view(rebuilt, example, float_output=float_output, in_float=exact, float_weight=True)
     model = onnx_qdq.export_onnx(view, path, example, opset=opset)
-    with tempfile.TemporaryDirectory() as tmp:
-        integer = kernels.summarize(kernels.optimize(path, Path(tmp) / "optimized.onnx"), {}, 0)["integer_ops"]
-    if integer > fused:
+    optimized = kernels.optimize(path, optimized_path)
+    if kernels.integer_ops(optimized) > fused:
         view = onnx_qdq.integer_view(rebuilt, example, float_output=float_output, in_float=exact)
         model = onnx_qdq.export_onnx(view, path, example, opset=opset)
-    return model
+        optimized = kernels.optimize(path, optimized_path)
+    return model, optimized
 
 
 def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_qdq.DEFAULT_OPSET, limit_val_batches: int | None = None,
@@ -151,9 +154,8 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_
     OmegaConf.save(cfg, out / "config.yaml")
 
     rebuilt = load_packed_twin(out / "weights.safetensors")
-    model, float_layers = export_integer_onnx(rebuilt, out / "model.onnx", calib_x[:1], opset)
+    model, optimized, float_layers = export_integer_onnx(rebuilt, out / "model.onnx", calib_x[:1], opset, out / "model.optimized.onnx")
     onnx_qdq.export_onnx(onnx_qdq.float_view(rebuilt), out / "model_fp32.onnx", calib_x[:1], opset=opset)
-    optimized = kernels.optimize(out / "model.onnx", out / "model.optimized.onnx")
 
     report = compare(twin, rebuilt, onnx_qdq.session(out / "model.onnx"), data.val, limit_val_batches)
     layers = quantized_layers(twin)
