@@ -66,7 +66,7 @@ def validate(cfg: DictConfig) -> None:
     layer_patterns(cfg.bits)  # bits.layers values; its globs are checked against the model's names
     residual = (cfg.get("twin") or {}).get("residual_bits")
     if residual is not None:
-        _check_bits(residual, "twin.residual_bits")
+        _check_bits(residual, "twin.residual_bits", allow=("auto",))
     per_channel = cfg.quant.get("per_channel", False)
     if not isinstance(per_channel, bool) and per_channel != "auto":
         raise UserError(f"quant.per_channel must be true, false or auto, got {per_channel!r}")

@@ -46,7 +46,7 @@ from bqat.errors import UserError
 from bqat.export.rundir import checkpoint_path
 from bqat.models import build_model, model_boundaries
 from bqat.partner import load_pretrained, load_state_dict_into, read_weights
-from bqat.quant import make_twin, set_bn_eps
+from bqat.quant import twin_from_config
 from bqat.quant.size import layer_macs, model_size
 from bqat.replace import BlockReplacement, prefix_path, single_path
 from bqat.resume import fingerprint
@@ -307,11 +307,9 @@ def sensitivity(run_dir: str | Path, checkpoint: str = "last", bits: int = 8, li
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model, data.input_size)
     fp = load_partner(fp, cfg, ckpt.get("partner"), partner, data, run_cwd(run_dir)).to(dev)
-    quant_cfg = cfg.quant.copy()
-    if "compile" in quant_cfg:
-        quant_cfg.compile = False  # a few evaluation batches: compiling would cost more than it saves
-    twin = make_twin(fp, quant_cfg, cfg.bits)
-    set_bn_eps(twin, (cfg.get("twin") or {}).get("bn_eps"))  # as train.py: eval-mode BatchNorm reads eps
+    if "compile" in cfg.quant:  # a few evaluation batches: compiling would cost more than it saves
+        cfg = OmegaConf.merge(cfg, {"quant": {"compile": False}})
+    twin = twin_from_config(fp, cfg)  # as train.py built it: its BatchNorm eps, its residual grids
     load_state_dict_into(twin, ckpt["twin"], f"checkpoint {ckpt_path}", hint="evaluate it with the bqat that trained it")
     twin.to(dev).eval()
     layers = block_layers(twin, boundaries)

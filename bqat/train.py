@@ -36,7 +36,7 @@ from bqat.launch import show_sweep_config
 from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
-from bqat.quant import Quantizer, add_residual_quantizers, keep_scales_positive, make_twin, set_bn_eps
+from bqat.quant import Quantizer, add_residual_quantizers, keep_scales_positive, make_twin, residual_bits_of, set_bn_eps
 from bqat.quant.size import layer_macs, model_size
 from bqat.quant.twin import layer_widths, weights_per_channel
 from bqat.replace import BlockReplacement
@@ -205,7 +205,7 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
         # Stability recipe of low-bit depthwise twins (README, "Models and blocks").
         "depthwise": str(cfg.bits.get("depthwise", "same")),
         "twin_bn_eps": cfg.twin.bn_eps,
-        "twin_residual_bits": cfg.twin.get("residual_bits"),
+        "twin_residual_bits": residual_bits_of(hybrid.twin),  # twin.residual_bits as built (auto resolved)
         "clip_grad": cfg.trainer.get("clip_grad"),
         # Per-layer precision and what it costs (bqat.quant.size says what counts).
         "bits_layers": OmegaConf.to_container(cfg.bits.layers, resolve=True) if cfg.bits.get("layers") else None,

@@ -22,7 +22,7 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     assert METRIC_KEYS <= set(metrics)
     assert metrics["epoch"] == 2 and metrics["bits_w"] == 2 and metrics["schedule"] == "prefix"
     assert metrics["first_last"] == "8" and metrics["resumed_from_epoch"] is None
-    assert metrics["twin_residual_bits"] is None  # the paper's twin: no residual grids
+    assert metrics["twin_residual_bits"] == 8  # twin.residual_bits=auto on a ResNet: 8-bit residual grids
     assert len(metrics["mixed_top1"]) == 2  # resnet20: 3 blocks -> 2 mixed paths
     assert 0 <= metrics["top1"] <= 100
     # compile=auto by default: a 6-step run stays eager, and says why

@@ -90,7 +90,8 @@ def make_run(run_dir, *overrides):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    twin, data = make_run(run_dir, "data.image_size=8")  # resnet20, LSQ, W2A2, first/last at 8 bits
+    # resnet20, LSQ, W2A2, first/last at 8 bits, the paper's twin (no residual grids)
+    twin, data = make_run(run_dir, "data.image_size=8", "twin.residual_bits=null")
     main([str(run_dir), "--limit-val-batches", "1", "--latency-runs", "2", "--threads", "1"])
     x, _ = next(iter(data.val))
     return run_dir, twin, x[:16]
@@ -98,9 +99,9 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def residual_run(tmp_path_factory):
-    """resnet20 trained with twin.residual_bits=8 (8x8 digits), exported without latency."""
+    """resnet20 with train.yaml's twin.residual_bits=auto (8-bit residual grids; 8x8 digits), exported without latency."""
     run_dir = tmp_path_factory.mktemp("export") / "residual"
-    twin, data = make_run(run_dir, "twin.residual_bits=8", "data.image_size=8")
+    twin, data = make_run(run_dir, "data.image_size=8")
     report = export_run(run_dir, limit_val_batches=1, latency_runs=0)
     x, _ = next(iter(data.val))
     return run_dir, twin, x, report
@@ -119,6 +120,10 @@ def test_export_writes_the_files_and_the_report(run):
     assert report["rebuilt_max_abs_logit_diff"] <= FOLD_TOLERANCE  # BatchNorm folded: equal to float rounding
     assert report["rebuilt_within_tolerance"] == 1.0 and report["fold_tolerance"] == FOLD_TOLERANCE
     assert report["val_images"] == 64  # one batch
+    # In float64 the fold is the twin's function: no rounding tie flips a code (fp64_check).
+    assert report["rebuilt_fp64_within_tolerance"] == 1.0 and report["rebuilt_fp64_max_abs_logit_diff"] <= 1e-9
+    assert report["fp64_images"] == 359 and 0 <= report["twin_fp32_within_tolerance"] <= 1  # the whole digits val set
+    assert report["bias_tolerance"] == 0.01 and report["twin_residual_bits"] is None
     assert report["fold_bn"] is True and report["folded_bn"] == 19 and report["batchnorm_left"] == 0
 
     fp_state = build_model(OmegaConf.load(out / "config.yaml").model, 10).state_dict()
@@ -198,7 +203,8 @@ def test_rebuilt_twin_logits_match_the_trained_twins(run):
 
 
 def test_unfolded_per_channel_export_is_bit_exact_and_keeps_batchnorm(tmp_path):
-    twin, data = make_run(tmp_path / "run", "quant.per_channel=true", "bits='3'", "bits.first_last=fp", "data.image_size=8")
+    twin, data = make_run(tmp_path / "run", "quant.per_channel=true", "bits='3'", "bits.first_last=fp", "data.image_size=8",
+                          "twin.residual_bits=null")
     report = export_run(tmp_path / "run", limit_val_batches=1, fold_bn=False, latency_runs=0)
     assert report["quantized_layers"] == report["qdq_pairs"] == 18  # conv1 and fc stay float
     assert report["folded_bn"] == 0 and report["batchnorm_left"] == 19 and report["rebuilt_max_abs_logit_diff"] == 0.0
@@ -375,6 +381,20 @@ def test_missing_or_unfinished_run_dirs_fail_with_one_line(tmp_path, capsys):
     (tmp_path / "metrics.json").write_text("{}")
     assert "cannot load checkpoint" in one_error_line(capsys, [str(tmp_path)])
     assert "--opset must be 13 or later" in one_error_line(capsys, [str(tmp_path), "--opset", "11"])
+    assert "--bias-tolerance must be 0 or more" in one_error_line(capsys, [str(tmp_path), "--bias-tolerance", "-1"])
+
+
+def test_bias_tolerance_trades_integer_ops_for_the_twins_exact_bias(tmp_path, residual_run):
+    """--bias-tolerance 0: every conv whose int32 bias would miss its float bias runs in float,
+    so the integer graph computes the rebuilt twin but for onnxruntime's summation order."""
+    _, _, x, default = residual_run
+    twin, data = make_run(tmp_path / "run", "data.image_size=8")
+    main([str(tmp_path / "run"), "--limit-val-batches", "1", "--latency-runs", "0", "--bias-tolerance", "0"])
+    report = json.loads((tmp_path / "run" / "export" / "report.json").read_text())
+    assert report["bias_tolerance"] == 0 and report["integer_ops"] < default["integer_ops"]
+    assert all("--bias-tolerance 0" in why for why in report["float_layers"].values())
+    # Left on integers: fc, whose output (the logits) has no grid to move a code on.
+    assert report["integer_op_types"] == {"QGemm": 1} and default["integer_op_types"]["QLinearConv"] == 18
 
 
 def test_python_m_bqat_export_on_a_missing_run_dir_prints_one_line(tmp_path):

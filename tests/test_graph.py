@@ -11,7 +11,7 @@ import bqat.models  # noqa: F401  (registers the CIFAR ResNets)
 from bqat.config import validate
 from bqat.errors import UserError
 from bqat.models.graph import conv_bn_pairs, residual_points
-from bqat.quant import add_residual_quantizers, make_twin, twin_from_config
+from bqat.quant import add_residual_quantizers, make_twin, residual_bits_of, twin_from_config
 from bqat.quant.modules import output_quantizer
 
 LSQ = OmegaConf.create({"name": "lsq", "per_channel": False})
@@ -73,8 +73,47 @@ def test_twin_residual_bits_trains_quantizers_on_branch_and_stream(compose_cfg):
         codes = out[0] / twin.layer1[0].act2.output_quantizer.step
         assert (codes - codes.round()).abs().max() < 1e-4 and codes.min() >= 0 and codes.round().max() <= 255
 
-    plain = twin_from_config(fp, compose_cfg())
-    assert not any(output_quantizer(m) is not None for m in plain.modules())
+    plain = twin_from_config(fp, compose_cfg("twin.residual_bits=null"))
+    assert not any(output_quantizer(m) is not None for m in plain.modules()) and residual_bits_of(plain) is None
+    assert residual_bits_of(twin) == 8
+
+
+def test_twin_residual_bits_auto_is_8_bits_on_a_resnet_and_nothing_without_residual_adds(compose_cfg, caplog):
+    cfg = compose_cfg()  # train.yaml's default
+    assert cfg.twin.residual_bits == "auto"
+    validate(cfg)
+    fp = timm.create_model("resnet20", num_classes=10, in_chans=1)
+    auto, eight = twin_from_config(fp, cfg), twin_from_config(fp, compose_cfg("twin.residual_bits=8"))
+    assert residual_bits_of(auto) == 8 and auto.state_dict().keys() == eight.state_dict().keys()
+    # the paper's table configs keep the paper's twin
+    assert compose_cfg("experiment=cifar10_resnet20").twin.residual_bits is None
+
+    flat = make_twin(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2)), LSQ, W2A2)
+    with caplog.at_level("INFO"):
+        assert add_residual_quantizers(flat, LSQ, "auto") == []
+    assert residual_bits_of(flat) is None and "no quantized conv of the model feeds a residual add" in caplog.text
+
+
+class Untraceable(nn.Module):
+    """A residual block whose forward branches on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.bn(self.conv(x)) + x
+        return x
+
+
+def test_twin_residual_bits_auto_on_an_untraceable_model_warns_and_adds_nothing(caplog):
+    twin = make_twin(Untraceable(), LSQ, OmegaConf.create({"w": 2, "a": 2, "first_last": "same"}))
+    with caplog.at_level("WARNING"):
+        assert add_residual_quantizers(twin, LSQ, "auto") == []
+    assert "torch.fx cannot read the model's residual adds" in caplog.text and residual_bits_of(twin) is None
+    with pytest.raises(UserError, match="twin.residual_bits needs the model's residual adds"):
+        add_residual_quantizers(twin, LSQ, 8)
 
 
 def test_twin_residual_bits_errors_are_one_line(compose_cfg):
@@ -83,3 +122,5 @@ def test_twin_residual_bits_errors_are_one_line(compose_cfg):
         add_residual_quantizers(flat, LSQ, 8)
     with pytest.raises(UserError, match=r"twin.residual_bits must be an integer from 2 to 8"):
         validate(compose_cfg("twin.residual_bits=1"))
+    with pytest.raises(UserError, match=r"twin.residual_bits must be an integer from 2 to 8 or auto, got 'yes'"):
+        validate(compose_cfg("twin.residual_bits=yes"))

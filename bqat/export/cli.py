@@ -13,6 +13,7 @@ from bqat.errors import UserError
 from bqat.export.rundir import checkpoint_path
 
 DEFAULT_RUNS = 50  # bqat.export.latency.DEFAULT_RUNS, repeated here so `--help` needs no torch
+BIAS_TOLERANCE = 0.01  # bqat.export.kernels.BIAS_TOLERANCE, likewise
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default); --no-fold-bn keeps BatchNorm as a float op after the conv")
     parser.add_argument("--latency-runs", type=int, default=DEFAULT_RUNS,
                         help=f"time fp32 and integer ONNX this many rounds per batch size (1, 32) and report medians; 0 skips (default: {DEFAULT_RUNS})")
+    parser.add_argument("--bias-tolerance", type=float, default=BIAS_TOLERANCE,
+                        help="how far a fused conv's int32 bias may move its output, in steps of the grid after it, before the conv "
+                             f"runs in float instead (default: {BIAS_TOLERANCE}; smaller: closer to the twin, fewer integer ops)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads for the latency (default: the cores this process may use)")
     return parser.parse_args(argv)
 
@@ -43,6 +47,9 @@ def print_report(report: dict, out: Path, console: Console | None = None) -> Non
     table.add_row("max |logit diff|, ONNX vs twin", f"{report['max_abs_logit_diff']:.2e}")
     table.add_row("max |logit diff|, rebuilt vs twin", f"{report['rebuilt_max_abs_logit_diff']:.2e}")
     table.add_row(f"images within {report['fold_tolerance']:g}, rebuilt vs twin", f"{report['rebuilt_within_tolerance']:.4f}")
+    if "rebuilt_fp64_within_tolerance" in report:
+        table.add_row(f"the same in float64 ({report['fp64_images']} images)", f"{report['rebuilt_fp64_within_tolerance']:.4f}")
+        table.add_row("twin float32 within it of twin float64", f"{report['twin_fp32_within_tolerance']:.4f}")
     table.add_row("fp32 / packed bytes", f"{report['fp32_bytes']} / {report['packed_bytes']} = {report['compression']:.1f}x")
     table.add_row("BatchNorm folded / left", f"{report['folded_bn']} / {report['batchnorm_left']}")
     table.add_row("integer ops in onnxruntime (quantized layers)", f"{report['integer_ops']} ({report['quantized_ops']})")
@@ -70,6 +77,8 @@ def main(argv=None) -> None:
             raise UserError(f"--limit-val-batches must be a positive number of batches, got {args.limit_val_batches}")
         if args.latency_runs < 0:
             raise UserError(f"--latency-runs must be 0 (skip) or a positive number of runs, got {args.latency_runs}")
+        if not args.bias_tolerance >= 0:
+            raise UserError(f"--bias-tolerance must be 0 or more (steps of the next grid), got {args.bias_tolerance}")
         if args.threads is not None and args.threads < 1:
             raise UserError(f"--threads must be a positive number of threads, got {args.threads}")
         checkpoint_path(args.run_dir, args.checkpoint)  # a wrong path fails here, before torch loads
@@ -78,7 +87,7 @@ def main(argv=None) -> None:
         except ImportError as err:
             raise UserError(f"bqat-export needs the [export] extra ({err.name} is not installed): pip install -e '.[export]'") from None
         report = export_run(args.run_dir, args.checkpoint, args.opset, args.limit_val_batches, fold_bn=args.fold_bn,
-                            latency_runs=args.latency_runs, threads=args.threads)
+                            latency_runs=args.latency_runs, threads=args.threads, bias_tolerance=args.bias_tolerance)
     except UserError as err:
         print(f"bqat-export: error: {err}", file=sys.stderr)
         sys.exit(2)

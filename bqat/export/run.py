@@ -10,6 +10,7 @@ its layers onnxruntime runs as integer operators (kernels.py) and how fast (late
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -24,12 +25,14 @@ from bqat.export import kernels, latency, onnx_qdq
 from bqat.export.rundir import checkpoint_path
 from bqat.export.weights import load_packed_twin, pack_twin, packed_bytes, quantized_layers, save_packed
 from bqat.models import build_model
-from bqat.quant import twin_from_config
+from bqat.quant import residual_bits_of, twin_from_config
 
 
 # The folded twin equals the trained twin to float rounding; README ("Exporting a run") says why
 # an image can still move by more (a code at a rounding tie that the rounding flips).
 FOLD_TOLERANCE = 1e-4
+# Val images of the float64 check (fp64_check): all of a small val set, a sample of a large one.
+FP64_IMAGES = 1024
 
 
 def read_checkpoint(ckpt_path: Path) -> tuple[dict, DictConfig]:
@@ -84,13 +87,53 @@ def compare(twin, rebuilt, sess, loader, limit=None) -> dict:
     }
 
 
-def export_integer_onnx(rebuilt: nn.Module, path: Path, example: torch.Tensor, opset: int, optimized_path: Path):
+@torch.no_grad()
+def fp64_check(twin: nn.Module, rebuilt: nn.Module, loader, images: int = FP64_IMAGES) -> dict:
+    """The fold without float32's rounding: the trained twin and the rebuilt twin, both run in
+    float64 on the first `images` val images, and the trained twin's own float32 logits against
+    its float64 ones.
+
+    In float32 the fold's rounding (and the twin's own) can flip a code that sits at a rounding
+    tie, and the flip propagates (compare's `rebuilt_within_tolerance`); in float64 such ties are
+    about 1e-9 as likely, so `rebuilt_fp64_within_tolerance` is what says the fold computes the
+    twin's function, and `twin_fp32_within_tolerance` how often float32 alone moves the twin
+    itself by more than the tolerance. A twin that cannot run in float64 (a quantizer that
+    insists on float32) gets `fp64_skipped` with why, instead of the three numbers."""
+    try:
+        t64, r64 = copy.deepcopy(twin).double().eval(), copy.deepcopy(rebuilt).double().eval()
+    except (RuntimeError, TypeError) as err:
+        return {"fp64_skipped": str(err).splitlines()[0]}
+    seen = within = twin_within = 0
+    diff = 0.0
+    for x, _ in loader:
+        x = x[: images - seen]
+        try:
+            ref, folded = t64(x.double()), r64(x.double())
+        except (RuntimeError, TypeError) as err:
+            return {"fp64_skipped": str(err).splitlines()[0]}
+        d = (folded - ref).abs().amax(1)
+        diff = max(diff, d.max().item())
+        within += (d <= FOLD_TOLERANCE).sum().item()
+        twin_within += ((twin(x).double() - ref).abs().amax(1) <= FOLD_TOLERANCE).sum().item()
+        seen += len(x)
+        if seen >= images:
+            break
+    return {
+        "rebuilt_fp64_max_abs_logit_diff": diff,
+        "rebuilt_fp64_within_tolerance": within / seen,
+        "twin_fp32_within_tolerance": twin_within / seen,
+        "fp64_images": seen,
+    }
+
+
+def export_integer_onnx(rebuilt: nn.Module, path: Path, example: torch.Tensor, opset: int, optimized_path: Path,
+                        bias_tolerance: float = kernels.BIAS_TOLERANCE):
     """model.onnx, onnxruntime's optimised graph of it (saved to `optimized_path`), and the
     quantized layers onnxruntime will run in float, with why.
 
     A first export shows which convs cannot fuse (kernels.float_layers) and how far each
     fused conv's int32 bias moves its output (onnx_qdq.bias_errors against the step of the
-    grid after it); those beyond kernels.BIAS_TOLERANCE run in float too. The final export
+    grid after it); those beyond `bias_tolerance` (of that step) run in float too. The final export
     gives the first their float bias and the others no Q/DQ at all (IntegerLayer modes),
     so the integer graph rounds no bias it does not run on integers."""
     view = onnx_qdq.integer_view(rebuilt, example)
@@ -99,9 +142,9 @@ def export_integer_onnx(rebuilt: nn.Module, path: Path, example: torch.Tensor, o
     steps, errors = kernels.output_steps(model), onnx_qdq.bias_errors(view, rebuilt)
     exact = {}
     for name, error in errors.items():
-        if name not in float_layers and name in steps and error > kernels.BIAS_TOLERANCE * steps[name]:
-            exact[name] = (f"its int32 bias would move its output by up to {error / steps[name]:.2f} of the next grid's step "
-                           f"(more than {kernels.BIAS_TOLERANCE}): kept in float, exact")
+        if name not in float_layers and name in steps and error > bias_tolerance * steps[name]:
+            exact[name] = (f"its int32 bias would move its output by up to {error / steps[name]:.2g} of the next grid's step "
+                           f"(more than --bias-tolerance {bias_tolerance:g}): kept in float, exact")
     if float_layers or exact:
         model, optimized = _export_float_layers(rebuilt, path, example, opset, set(float_layers), set(exact), optimized_path)
     else:
@@ -127,11 +170,13 @@ def _export_float_layers(rebuilt: nn.Module, path: Path, example: torch.Tensor, 
 
 
 def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_qdq.DEFAULT_OPSET, limit_val_batches: int | None = None,
-               fold_bn: bool = True, latency_runs: int = latency.DEFAULT_RUNS, threads: int | None = None) -> dict:
+               fold_bn: bool = True, latency_runs: int = latency.DEFAULT_RUNS, threads: int | None = None,
+               bias_tolerance: float = kernels.BIAS_TOLERANCE) -> dict:
     """Write RUN_DIR/export/ and return the report (also written as report.json).
 
     `latency_runs=0` skips the latency measurement; `threads` defaults to the cores this
-    process may use."""
+    process may use; `bias_tolerance` is how far (in steps of the grid after it) a fused
+    conv's int32 bias may move its output before the conv runs in float instead."""
     run_dir = Path(run_dir)
     ckpt_path = checkpoint_path(run_dir, checkpoint)
     state, cfg = read_checkpoint(ckpt_path)
@@ -154,10 +199,12 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_
     OmegaConf.save(cfg, out / "config.yaml")
 
     rebuilt = load_packed_twin(out / "weights.safetensors")
-    model, optimized, float_layers = export_integer_onnx(rebuilt, out / "model.onnx", calib_x[:1], opset, out / "model.optimized.onnx")
+    model, optimized, float_layers = export_integer_onnx(rebuilt, out / "model.onnx", calib_x[:1], opset, out / "model.optimized.onnx",
+                                                         bias_tolerance)
     onnx_qdq.export_onnx(onnx_qdq.float_view(rebuilt), out / "model_fp32.onnx", calib_x[:1], opset=opset)
 
     report = compare(twin, rebuilt, onnx_qdq.session(out / "model.onnx"), data.val, limit_val_batches)
+    report.update(fp64_check(twin, rebuilt, data.val))
     layers = quantized_layers(twin)
     fp32, packed = fp32_bytes(twin), packed_bytes(tensors)
     layout = json.loads(metadata["layers"])
@@ -172,6 +219,7 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_
         "folded_bn": sum("folded_bn" in spec for spec in layout.values()),
         "batchnorm_left": sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in rebuilt.modules()),
         **kernels.summarize(optimized, float_layers, sum(m.weight_quantizer is not None and m.input_quantizer is not None for _, m in layers)),
+        "bias_tolerance": bias_tolerance,
         "opset": opset,
         "checkpoint": str(ckpt_path.relative_to(run_dir)),
         "model": cfg.model.name,
@@ -179,7 +227,7 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_
         "bits_w": int(cfg.bits.w),
         "bits_a": int(cfg.bits.a),
         "first_last": str(cfg.bits.first_last),
-        "twin_residual_bits": (cfg.get("twin") or {}).get("residual_bits"),
+        "twin_residual_bits": residual_bits_of(twin),
     })
     if latency_runs > 0:
         threads = latency.default_threads() if threads is None else threads

@@ -15,7 +15,7 @@ from bqat.config import bits_config, default_option, named_config
 from bqat.errors import UserError
 from bqat.models.graph import TraceError, residual_points
 from bqat.quant.mixed import apply_patterns, describe, layer_patterns
-from bqat.quant.modules import QUANT_MODULES, QConv2d, attach_output_quantizer
+from bqat.quant.modules import QUANT_MODULES, QConv2d, attach_output_quantizer, output_quantizer
 from bqat.quant.registry import get_quantizer
 
 log = logging.getLogger("bqat")
@@ -207,6 +207,13 @@ def set_bn_eps(twin: nn.Module, eps: float | None) -> int:
     return len(layers)
 
 
+# What `twin.residual_bits=auto` (the default) puts on the residual adds: 8-bit grids cost
+# 0.34 +- 0.05 points at W2A2 on CIFAR-10 ResNet-20 over three seeds and about 5-10 % step time
+# (docs/results/cifar10_resnet20_objective.md), and let bqat-export run nearly every conv as an
+# integer operator (README, "Exporting a run").
+AUTO_RESIDUAL_BITS = 8
+
+
 def add_residual_quantizers(twin: nn.Module, quant_cfg, bits) -> list[str]:
     """`twin.residual_bits`: activation quantizers of `bits` bits where the residual adds read
     and write float tensors (bqat.models.graph.residual_points).
@@ -217,27 +224,46 @@ def add_residual_quantizers(twin: nn.Module, quant_cfg, bits) -> list[str]:
     needs a grid on both: the branch output, so the conv can requantize its result, and the
     stream (block outputs, and the stem's output that the first shortcut reads), so the add
     runs on integers too. With this option the twin trains with those grids; the next conv's
-    own input quantizer then reads the stream's grid. None (the default) adds nothing: the
-    paper's twin. Returns the names of the modules whose outputs got a quantizer.
+    own input quantizer then reads the stream's grid. None adds nothing: the paper's twin.
+    "auto" is AUTO_RESIDUAL_BITS where a quantized conv feeds a residual add, and nothing
+    (with a log line, no error) for a model without one or one torch.fx cannot trace.
+    Returns the names of the modules whose outputs got a quantizer (residual_bits_of reads
+    the bits back).
     """
     if bits is None or quant_cfg.name == "none":
         return []
+    auto = bits == "auto"
     try:
         points = residual_points(twin)
     except TraceError as err:
+        if auto:
+            log.warning(f"twin.residual_bits=auto: torch.fx cannot read the model's residual adds ({err}); "
+                        "the twin gets no residual grids, and bqat-export runs those convs in float")
+            return []
         raise UserError(f"twin.residual_bits needs the model's residual adds, which torch.fx reads: {err}; "
                         "set twin.residual_bits=null") from None
     # A branch whose conv stays float (first/last policy, unknown subclass) has no integer form anyway.
     points = [p for p in points if p.conv is None or isinstance(twin.get_submodule(p.conv), QConv2d)]
     if not any(p.conv is not None for p in points):
+        if auto:
+            log.info("twin.residual_bits=auto: no quantized conv of the model feeds a residual add, nothing to add")
+            return []
         raise UserError(f"twin.residual_bits={bits}, but no quantized conv of the model feeds a residual add; "
                         "set twin.residual_bits=null")
+    bits = AUTO_RESIDUAL_BITS if auto else int(bits)
     for p in points:
-        attach_output_quantizer(twin.get_submodule(p.module), build_quantizer(quant_cfg, int(bits), "act"))
+        attach_output_quantizer(twin.get_submodule(p.module), build_quantizer(quant_cfg, bits, "act"))
     branches = sum(p.conv is not None for p in points)
     log.info(f"twin: {branches} residual branch outputs and {len(points) - branches} residual stream tensors "
-             f"quantized at {bits} bits (twin.residual_bits)")
+             f"quantized at {bits} bits (twin.residual_bits{'=auto' if auto else ''})")
     return [p.module for p in points]
+
+
+def residual_bits_of(twin: nn.Module) -> int | None:
+    """The bits of the twin's residual grids (add_residual_quantizers), None if it has none:
+    what a run with twin.residual_bits=auto resolved to."""
+    widths = {q.bits for m in twin.modules() if (q := output_quantizer(m)) is not None}
+    return max(widths) if widths else None
 
 
 def twin_from_config(fp: nn.Module, cfg) -> nn.Module:
