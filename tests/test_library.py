@@ -154,7 +154,7 @@ def test_plain_arguments_take_conf_defaults():
     assert type(q.weight_quantizer).__name__ == "PACT" and (q.weight_quantizer.bits, q.input_quantizer.bits) == (3, 4)
     assert (twin.stem[0].weight_quantizer.bits, twin.head[2].weight_quantizer.bits) == (8, 8)  # bits.first_last
     br = BlockReplacement(twin, partner, NAMES, schedule="sampled", loss={"w_kd": 1.0})
-    assert br.schedule_cfg.pool == "prefix" and br.loss_cfg.w_kd == 1.0 and br.loss_cfg.T == 1.0
+    assert br.schedule_cfg.pool == "prefix" and br.loss_cfg.w_kd == 1.0 and br.loss_cfg.T == 4.0
     assert br.loss_cfg.get("w_mix") == 1.0
     with pytest.raises(ValueError, match="loss has no key 'wkd'"):
         BlockReplacement(twin, partner, NAMES, loss={"wkd": 1.0})

@@ -242,7 +242,7 @@ def test_runner_defaults_and_older_configs(compose_cfg):
     from bqat.objective import Objective
 
     runner = Objective.from_cfg(compose_cfg().loss)
-    assert (runner.w_mix, runner.w_kd, runner.w_mp_kd, runner.T) == (1.0, 1.0, 1.0, 1.0)
+    assert (runner.w_mix, runner.w_kd, runner.w_mp_kd, runner.T) == (1.0, 1.0, 1.0, 4.0)
     assert (runner.path_weights, runner.mp_teacher_grad) == ("uniform", False)
     older = Objective.from_cfg({"w_mix": 1.0, "w_mix_decay": "constant", "w_kd": 0.0, "T": 1.0, "w_mp_kd": 0.0})
     assert older.w_mp_kd == 0.0 and older == Objective() == Objective.from_cfg(None)

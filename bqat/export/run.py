@@ -94,10 +94,11 @@ def fp64_check(twin: nn.Module, rebuilt: nn.Module, loader, images: int = FP64_I
     its float64 ones.
 
     In float32 the fold's rounding (and the twin's own) can flip a code that sits at a rounding
-    tie, and the flip propagates (compare's `rebuilt_within_tolerance`); in float64 such ties are
-    about 1e-9 as likely, so `rebuilt_fp64_within_tolerance` is what says the fold computes the
-    twin's function, and `twin_fp32_within_tolerance` how often float32 alone moves the twin
-    itself by more than the tolerance. A twin that cannot run in float64 (a quantizer that
+    tie, and the flip propagates (compare's `rebuilt_within_tolerance`). Float64 removes the
+    arithmetic's rounding (not that of the packed file's float32 scales and biases, ~6e-8, so
+    a flip stays possible, far rarer): `rebuilt_fp64_within_tolerance` is what says the fold
+    computes the twin's function, `twin_fp32_within_tolerance` how often float32 alone moves
+    the twin itself by more than the tolerance. A twin that cannot run in float64 (a quantizer that
     insists on float32) gets `fp64_skipped` with why, instead of the three numbers."""
     try:
         t64, r64 = copy.deepcopy(twin).double().eval(), copy.deepcopy(rebuilt).double().eval()
