@@ -71,7 +71,7 @@ from bqat.accel import Accel, compile_blocks  # noqa: E402
 from bqat.engine import clip_gradients, train_step  # noqa: E402
 from bqat.guard import UpdateGuard  # noqa: E402
 from bqat.models import default_boundaries  # noqa: E402
-from bqat.quant import QUANTIZERS, Quantizer, add_residual_quantizers, keep_scales_positive, make_twin, set_bn_eps  # noqa: E402
+from bqat.quant import QUANTIZERS, Quantizer, keep_scales_positive, make_twin, twin_from_config  # noqa: E402
 from bqat.replace import BlockReplacement  # noqa: E402
 
 # Done-when targets of the speed issues, in FP-step units (so a slow baseline cannot flatter).
@@ -422,10 +422,7 @@ class DefaultCase:
 
         fp = self.accel.prepare(copy.deepcopy(bench.fp_model).train())
         partner = self.accel.prepare(copy.deepcopy(bench.fp_model).eval())
-        twin = make_twin(partner, quant_cfg, cfg.bits)
-        set_bn_eps(twin, cfg.twin.bn_eps)
-        add_residual_quantizers(twin, quant_cfg, cfg.twin.get("residual_bits"))  # as train.py
-        twin = self.accel.prepare(twin)
+        twin = self.accel.prepare(twin_from_config(partner, cfg, quant_cfg))  # as train.py
         with torch.no_grad():
             twin.train()(x)
         self.lsq = self.accel.prepare(BlockReplacement(twin, partner, bench.boundaries, schedule_cfg("none"), cfg.loss)).train()

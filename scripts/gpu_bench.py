@@ -108,7 +108,7 @@ def build(cfg, data, method: str, mode: str, precision: str, device: torch.devic
 
     from bqat.accel import Accel, compile_blocks
     from bqat.models import build_model, model_boundaries
-    from bqat.quant import add_residual_quantizers, keep_scales_positive, make_twin, set_bn_eps
+    from bqat.quant import keep_scales_positive, twin_from_config
     from bqat.replace import BlockReplacement
     from bqat.task import PartnerTask
     from bqat.train import build_scheduler
@@ -127,9 +127,7 @@ def build(cfg, data, method: str, mode: str, precision: str, device: torch.devic
     else:
         boundaries = model_boundaries(fp, cfg.model, data.input_size)
         partner = accel.prepare(fp.eval())
-        twin = make_twin(partner, cfg.quant, cfg.bits)
-        set_bn_eps(twin, cfg.twin.bn_eps)
-        add_residual_quantizers(twin, cfg.quant, cfg.twin.get("residual_bits"))  # as train.py
+        twin = twin_from_config(partner, cfg)  # as train.py
         schedule = OmegaConf.load(ROOT / "conf" / "schedule" / "none.yaml") if method == "lsq" else cfg.schedule
         task = accel.prepare(BlockReplacement(twin, partner, boundaries, schedule, cfg.loss, seed=cfg.seed))
         init_x, _ = accel.to_device(*next(iter(data.train)))

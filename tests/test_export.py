@@ -120,9 +120,9 @@ def test_export_writes_the_files_and_the_report(run):
     assert report["rebuilt_max_abs_logit_diff"] <= FOLD_TOLERANCE  # BatchNorm folded: equal to float rounding
     assert report["rebuilt_within_tolerance"] == 1.0 and report["fold_tolerance"] == FOLD_TOLERANCE
     assert report["val_images"] == 64  # one batch
-    # In float64 the fold is the twin's function: no rounding tie flips a code (fp64_check).
+    # In float64 the fold is the twin's function: no rounding tie flips a code (Float64Check).
     assert report["rebuilt_fp64_within_tolerance"] == 1.0 and report["rebuilt_fp64_max_abs_logit_diff"] <= 1e-9
-    assert report["fp64_images"] == 359 and 0 <= report["twin_fp32_within_tolerance"] <= 1  # the whole digits val set
+    assert report["fp64_images"] == 64 and 0 <= report["twin_fp32_within_tolerance"] <= 1  # the batches checked
     assert report["bias_tolerance"] == 0.01 and report["twin_residual_bits"] is None
     assert report["fold_bn"] is True and report["folded_bn"] == 19 and report["batchnorm_left"] == 0
 

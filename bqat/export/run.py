@@ -31,7 +31,7 @@ from bqat.quant import residual_bits_of, twin_from_config
 # The folded twin equals the trained twin to float rounding; README ("Exporting a run") says why
 # an image can still move by more (a code at a rounding tie that the rounding flips).
 FOLD_TOLERANCE = 1e-4
-# Val images of the float64 check (fp64_check): all of a small val set, a sample of a large one.
+# Val images of the float64 check (Float64Check): all of a small val set, a sample of a large one.
 FP64_IMAGES = 1024
 
 
@@ -54,11 +54,63 @@ def fp32_bytes(twin: torch.nn.Module) -> int:
     return total
 
 
+class Float64Check:
+    """The fold without float32's rounding, on the first `images` val images: the trained twin
+    and the rebuilt twin, both run in float64, and the trained twin's own float32 logits
+    against its float64 ones.
+
+    In float32 the fold's rounding (and the twin's own) can flip a code that sits at a rounding
+    tie, and the flip propagates (compare's `rebuilt_within_tolerance`). Float64 removes the
+    arithmetic's rounding (not that of the packed file's float32 scales and biases, ~6e-8, so
+    a flip stays possible, far rarer): `rebuilt_fp64_within_tolerance` is what says the fold
+    computes the twin's function, `twin_fp32_within_tolerance` how often float32 alone moves
+    the twin itself by more than the tolerance. A twin that cannot run in float64 (a quantizer
+    that insists on float32) gets `fp64_skipped` with why, instead of the numbers."""
+
+    def __init__(self, twin: nn.Module, rebuilt: nn.Module, images: int = FP64_IMAGES):
+        self.images, self.seen, self.within, self.twin_within, self.diff = images, 0, 0, 0, 0.0
+        self.skipped = None
+        try:
+            self.t64, self.r64 = copy.deepcopy(twin).double().eval(), copy.deepcopy(rebuilt).double().eval()
+        except (RuntimeError, TypeError) as err:
+            self.skipped = str(err).splitlines()[0]
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, twin_logits: torch.Tensor) -> None:
+        """Check the batch `x`, whose float32 twin logits are `twin_logits`, up to `images` in all."""
+        if self.skipped is not None or self.seen >= self.images:
+            return
+        x, twin_logits = x[: self.images - self.seen], twin_logits[: self.images - self.seen]
+        try:
+            ref, folded = self.t64(x.double()), self.r64(x.double())
+        except (RuntimeError, TypeError) as err:
+            self.skipped = str(err).splitlines()[0]
+            return
+        d = (folded - ref).abs().amax(1)
+        self.diff = max(self.diff, d.max().item())
+        self.within += (d <= FOLD_TOLERANCE).sum().item()
+        self.twin_within += ((twin_logits.double() - ref).abs().amax(1) <= FOLD_TOLERANCE).sum().item()
+        self.seen += len(x)
+
+    def report(self) -> dict:
+        if self.skipped is not None:
+            return {"fp64_skipped": self.skipped}
+        return {
+            "rebuilt_fp64_max_abs_logit_diff": self.diff,
+            "rebuilt_fp64_within_tolerance": self.within / self.seen,
+            "twin_fp32_within_tolerance": self.twin_within / self.seen,
+            "fp64_images": self.seen,
+        }
+
+
 @torch.no_grad()
-def compare(twin, rebuilt, sess, loader, limit=None) -> dict:
-    """Top-1 of the PyTorch twin and of ONNX Runtime, and how far apart they are, over `loader`."""
+def compare(twin, rebuilt, sess, loader, limit=None, fp64_images: int = FP64_IMAGES) -> dict:
+    """Top-1 of the PyTorch twin and of ONNX Runtime, how far apart they are, and how far the
+    rebuilt (folded) twin is from the trained one, in float32 and (Float64Check, on the first
+    `fp64_images` images) in float64, over `loader` in one pass."""
     agree = correct_torch = correct_onnx = total = rebuilt_within = 0
     diff_onnx = diff_rebuilt = 0.0
+    fp64 = Float64Check(twin, rebuilt, fp64_images)
     for i, (x, y) in enumerate(loader):
         if limit is not None and i >= limit:
             break
@@ -68,6 +120,7 @@ def compare(twin, rebuilt, sess, loader, limit=None) -> dict:
         rebuilt_diff = (rebuilt(x) - ref).abs().amax(1)
         diff_rebuilt = max(diff_rebuilt, rebuilt_diff.max().item())
         rebuilt_within += (rebuilt_diff <= FOLD_TOLERANCE).sum().item()
+        fp64.add(x, ref)
         agree += (ort_logits.argmax(1) == ref.argmax(1)).sum().item()
         correct_torch += (ref.argmax(1) == y).sum().item()
         correct_onnx += (ort_logits.argmax(1) == y).sum().item()
@@ -84,46 +137,7 @@ def compare(twin, rebuilt, sess, loader, limit=None) -> dict:
         "rebuilt_within_tolerance": rebuilt_within / total,
         "fold_tolerance": FOLD_TOLERANCE,
         "val_images": total,
-    }
-
-
-@torch.no_grad()
-def fp64_check(twin: nn.Module, rebuilt: nn.Module, loader, images: int = FP64_IMAGES) -> dict:
-    """The fold without float32's rounding: the trained twin and the rebuilt twin, both run in
-    float64 on the first `images` val images, and the trained twin's own float32 logits against
-    its float64 ones.
-
-    In float32 the fold's rounding (and the twin's own) can flip a code that sits at a rounding
-    tie, and the flip propagates (compare's `rebuilt_within_tolerance`). Float64 removes the
-    arithmetic's rounding (not that of the packed file's float32 scales and biases, ~6e-8, so
-    a flip stays possible, far rarer): `rebuilt_fp64_within_tolerance` is what says the fold
-    computes the twin's function, `twin_fp32_within_tolerance` how often float32 alone moves
-    the twin itself by more than the tolerance. A twin that cannot run in float64 (a quantizer that
-    insists on float32) gets `fp64_skipped` with why, instead of the three numbers."""
-    try:
-        t64, r64 = copy.deepcopy(twin).double().eval(), copy.deepcopy(rebuilt).double().eval()
-    except (RuntimeError, TypeError) as err:
-        return {"fp64_skipped": str(err).splitlines()[0]}
-    seen = within = twin_within = 0
-    diff = 0.0
-    for x, _ in loader:
-        x = x[: images - seen]
-        try:
-            ref, folded = t64(x.double()), r64(x.double())
-        except (RuntimeError, TypeError) as err:
-            return {"fp64_skipped": str(err).splitlines()[0]}
-        d = (folded - ref).abs().amax(1)
-        diff = max(diff, d.max().item())
-        within += (d <= FOLD_TOLERANCE).sum().item()
-        twin_within += ((twin(x).double() - ref).abs().amax(1) <= FOLD_TOLERANCE).sum().item()
-        seen += len(x)
-        if seen >= images:
-            break
-    return {
-        "rebuilt_fp64_max_abs_logit_diff": diff,
-        "rebuilt_fp64_within_tolerance": within / seen,
-        "twin_fp32_within_tolerance": twin_within / seen,
-        "fp64_images": seen,
+        **fp64.report(),
     }
 
 
@@ -205,7 +219,6 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_
     onnx_qdq.export_onnx(onnx_qdq.float_view(rebuilt), out / "model_fp32.onnx", calib_x[:1], opset=opset)
 
     report = compare(twin, rebuilt, onnx_qdq.session(out / "model.onnx"), data.val, limit_val_batches)
-    report.update(fp64_check(twin, rebuilt, data.val))
     layers = quantized_layers(twin)
     fp32, packed = fp32_bytes(twin), packed_bytes(tensors)
     layout = json.loads(metadata["layers"])
