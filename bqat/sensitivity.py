@@ -307,9 +307,10 @@ def sensitivity(run_dir: str | Path, checkpoint: str = "last", bits: int = 8, li
     fp = build_model(cfg.model, data.num_classes, in_chans=data.input_size[0])
     boundaries = model_boundaries(fp, cfg.model, data.input_size)
     fp = load_partner(fp, cfg, ckpt.get("partner"), partner, data, run_cwd(run_dir)).to(dev)
-    if "compile" in cfg.quant:  # a few evaluation batches: compiling would cost more than it saves
-        cfg = OmegaConf.merge(cfg, {"quant": {"compile": False}})
-    twin = twin_from_config(fp, cfg)  # as train.py built it: its BatchNorm eps, its residual grids
+    quant_cfg = cfg.quant.copy()
+    if "compile" in quant_cfg:
+        quant_cfg.compile = False  # a few evaluation batches: compiling would cost more than it saves
+    twin = twin_from_config(fp, cfg, quant_cfg)  # as train.py built it: its BatchNorm eps, its residual grids
     load_state_dict_into(twin, ckpt["twin"], f"checkpoint {ckpt_path}", hint="evaluate it with the bqat that trained it")
     twin.to(dev).eval()
     layers = block_layers(twin, boundaries)

@@ -419,3 +419,11 @@ def test_report_numbers_match_an_independent_onnx_run(run):
             n += len(x)
     assert report["agreement"] == same / n
     assert report["max_abs_logit_diff"] == pytest.approx(diff, rel=1e-6, abs=1e-9)
+
+
+def test_cli_defaults_mirror_the_exporter():
+    # bqat.export.cli repeats these defaults so that `bqat-export --help` needs no torch; they must not drift.
+    from bqat.export import cli, latency
+
+    assert cli.BIAS_TOLERANCE == kernels.BIAS_TOLERANCE
+    assert cli.DEFAULT_RUNS == latency.DEFAULT_RUNS
