@@ -124,7 +124,7 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
     if distributed and cfg.trainer.get("sync_bn", True):
         twin = dist.convert_sync_batchnorm(twin, device)
     # After the SyncBatchNorm swap: the quantizer hooks onto the module that stays.
-    add_residual_quantizers(twin, cfg.quant, cfg.twin.get("residual_bits"))
+    add_residual_quantizers(twin, quant_cfg, cfg.twin.get("residual_bits"))  # quant.compile as resolved
     hybrid = accel.prepare(BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed,
                                             example_input=data.input_size))
     optimizer = hydra.utils.instantiate(cfg.optim.optimizer)(hybrid.twin)
