@@ -233,11 +233,13 @@ def evaluate(task, loader, *, limit=None, device, accel: Accel | None = None, di
 
 
 def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: FitState | None = None, writer=None,
-        metric: str = "lp", desc: str = "train", on_epoch_end: Callable[[FitState, bool], None] | None = None,
+        metric: str = "lp", desc: str = "train", on_epoch_start: Callable[[int], None] | None = None,
+        on_epoch_end: Callable[[FitState, bool], None] | None = None,
         on_stop: Callable[[FitState], Path] | None = None, accel: Accel | None = None, distributed: bool = False,
         clip_grad: float | None = None) -> FitState:
     """Train `task` until `epochs` epochs are done (continuing from `state` when resuming).
 
+    `on_epoch_start(epoch)` (0-based) runs before each epoch's training, a resumed one's too.
     On a stop signal: `on_stop(state)` saves (returns the path written), then Preempted is raised.
 
     `distributed`: `task` is a bqat.dist.DistributedTask; logs and evaluation are reduced
@@ -254,6 +256,8 @@ def fit(task, data, optimizer, scheduler, *, epochs: int, cfg, device, state: Fi
     with preempt.deferred(), make_progress(bool(cfg.progress) and dist.is_main()) as progress:
         overall = progress.add_task(f"{desc} epochs", total=epochs, completed=state.epoch, info="")
         for epoch in range(state.epoch, epochs):
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
             bar = progress.add_task(f"{desc} {epoch + 1}/{epochs}", total=n_train, info="")
             start = time.perf_counter()
             stopped = train_epoch(task, data.train, optimizer, scheduler, state, epochs=epochs, cfg=cfg, device=device, writer=writer, progress=progress, bar=bar,

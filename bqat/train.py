@@ -36,7 +36,8 @@ from bqat.launch import show_sweep_config
 from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
-from bqat.quant import Quantizer, add_residual_quantizers, keep_scales_positive, make_twin, residual_bits_of, set_bn_eps
+from bqat.quant import Quantizer, add_residual_quantizers, integer_bias, keep_scales_positive, make_twin, residual_bits_of, set_bn_eps
+from bqat.quant.integer_bias import attach_integer_bias
 from bqat.quant.size import layer_macs, model_size
 from bqat.quant.twin import layer_widths, weights_per_channel
 from bqat.replace import BlockReplacement
@@ -123,7 +124,9 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
     set_bn_eps(twin, cfg.twin.bn_eps)
     if distributed and cfg.trainer.get("sync_bn", True):
         twin = dist.convert_sync_batchnorm(twin, device)
-    # After the SyncBatchNorm swap: the quantizer hooks onto the module that stays.
+    # After the SyncBatchNorm swap: the hooks go onto the modules that stay.
+    integer_bias_epochs = cfg.twin.get("integer_bias_epochs") or 0
+    attach_integer_bias(twin, integer_bias_epochs)
     add_residual_quantizers(twin, quant_cfg, cfg.twin.get("residual_bits"))  # quant.compile as resolved
     hybrid = accel.prepare(BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed,
                                             example_input=data.input_size))
@@ -167,8 +170,14 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
     def on_stop(state: FitState) -> Path | None:
         return ckpt.save(state) if is_main else None
 
+    def on_epoch_start(epoch: int) -> None:  # twin.integer_bias_epochs: the last epochs train the folded form
+        frozen = bool(integer_bias_epochs) and epoch >= cfg.trainer.epochs - integer_bias_epochs
+        if frozen and epoch == max(0, cfg.trainer.epochs - integer_bias_epochs):
+            log.info(f"twin epoch {epoch + 1}: BatchNorm statistics frozen, biases on the integer grid (twin.integer_bias_epochs)")
+        integer_bias.freeze(hybrid.twin, frozen)
+
     state = fit(task, data, optimizer, scheduler, epochs=cfg.trainer.epochs, cfg=cfg.trainer, device=device,
-                state=state, writer=writer, metric="lp", desc="twin", on_epoch_end=on_epoch_end, on_stop=on_stop,
+                state=state, writer=writer, metric="lp", desc="twin", on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end, on_stop=on_stop,
                 accel=accel, distributed=distributed, clip_grad=cfg.trainer.get("clip_grad"))
     if writer is not None:
         writer.close()
@@ -205,7 +214,8 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
         # Stability recipe of low-bit depthwise twins (README, "Models and blocks").
         "depthwise": str(cfg.bits.get("depthwise", "same")),
         "twin_bn_eps": cfg.twin.bn_eps,
-        "twin_residual_bits": residual_bits_of(hybrid.twin),  # twin.residual_bits as built (auto resolved)
+        "twin_residual_bits": residual_bits_of(hybrid.twin),
+        "twin_integer_bias_epochs": integer_bias_epochs,  # twin.residual_bits as built (auto resolved)
         "clip_grad": cfg.trainer.get("clip_grad"),
         # Per-layer precision and what it costs (bqat.quant.size says what counts).
         "bits_layers": OmegaConf.to_container(cfg.bits.layers, resolve=True) if cfg.bits.get("layers") else None,

@@ -27,7 +27,7 @@ from bqat.export.pack import pack_codes, unpack_codes
 from bqat.export.run import export_run
 from bqat.export.weights import load_packed_twin, pack_twin, quantized_layers
 from bqat.models import build_model
-from bqat.quant import QConv2d, make_twin, twin_from_config
+from bqat.quant import QConv2d, integer_bias, make_twin, twin_from_config
 from conftest import CONF, ROOT, run_cli
 
 REPORT_KEYS = {"torch_top1", "onnx_top1", "agreement", "max_abs_logit_diff", "fp32_bytes", "packed_bytes", "integer_ops",
@@ -283,6 +283,30 @@ def test_onnxruntime_runs_the_quantized_layers_as_integer_ops(run, residual_run)
     assert residual["twin_residual_bits"] == 8 and residual["rebuilt_max_abs_logit_diff"] <= FOLD_TOLERANCE
     optimized = onnx.load(str(residual_run[0] / "export" / "model.optimized.onnx"))
     assert onnx_qdq.op_counts(optimized)["QLinearAdd"] >= 7
+
+
+def test_a_twin_trained_with_integer_biases_exports_an_integer_graph_that_computes_it(tmp_path, residual_run):
+    """twin.integer_bias_epochs: the twin's biases already sit on the accumulator grids, so every
+    layer (the 8-bit stem too) runs on integers and the graph rounds nothing the twin did not."""
+    _, _, x, default = residual_run
+    twin, data = make_run(tmp_path / "run", "data.image_size=8", "twin.integer_bias_epochs=1")
+    report = export_run(tmp_path / "run", limit_val_batches=1, latency_runs=0)
+    assert report["quantized_ops"] == report["integer_ops"] == 20 and report["float_layers"] == {}
+    assert report["integer_op_types"] == {"QLinearConv": 19, "QGemm": 1}
+    # The same twin without the option: its int32 biases move the logits by 1e-3 to 0.3 (README).
+    assert report["max_abs_logit_diff"] < 1e-5 < default["max_abs_logit_diff"]
+    assert report["agreement"] == 1.0 and report["rebuilt_max_abs_logit_diff"] < 1e-5
+    rebuilt = load_packed_twin(tmp_path / "run" / "export" / "weights.safetensors")
+    view = onnx_qdq.integer_view(rebuilt, x[:1])
+    steps = kernels.output_steps(onnx_qdq.export_onnx(view, tmp_path / "view.onnx", x[:1]))
+    errors = onnx_qdq.bias_errors(view, rebuilt)
+    assert len(errors) == 20 and max(errors[n] / steps[n] for n in errors if n in steps) < 1e-5
+
+
+def test_the_twin_and_the_exporter_stretch_weight_codes_alike():
+    for qn, qp, hi in ((-2, 1, 3), (-8, 7, 15), (-128, 127, 255), (-8, 7, 255), (0, 15, 15)):
+        grid = FixedQuantizer(8, "weight", qn, qp, torch.tensor(0.1), torch.tensor(0.0))
+        assert onnx_qdq.stretch_limit(grid, hi) == integer_bias.stretch_limit(qn, qp, 0.0, hi)
 
 
 def test_used_taps_drop_what_only_reads_padding():

@@ -28,8 +28,10 @@ def can_fold(bn: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def fold_batchnorm(grid: FixedQuantizer, conv_bias: torch.Tensor | None, bn: nn.Module) -> tuple[FixedQuantizer, torch.Tensor]:
-    """The folded weight grid (same bits and codes, per-channel scales) and the conv's new bias."""
+def fold_batchnorm(grid: FixedQuantizer, conv_bias: torch.Tensor | None, bn: nn.Module,
+                   shift: torch.Tensor | None = None) -> tuple[FixedQuantizer, torch.Tensor]:
+    """The folded weight grid (same bits and codes, per-channel scales) and the conv's new bias,
+    plus `shift` (a twin trained with twin.integer_bias_epochs: its bias on the integer grid)."""
     var, mean = bn.running_var.double(), bn.running_mean.double()
     a = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
@@ -39,6 +41,8 @@ def fold_batchnorm(grid: FixedQuantizer, conv_bias: torch.Tensor | None, bn: nn.
     zero_point = torch.broadcast_to(grid.zero_point.reshape(-1), (channels,))
     bias = -mean if conv_bias is None else conv_bias.double() - mean
     bias = a * bias + (0.0 if bn.bias is None else bn.bias.double())
+    if shift is not None:
+        bias = bias + shift.double().cpu()
     folded = FixedQuantizer(grid.bits, grid.kind, grid.qn, grid.qp, scale.float(), zero_point, per_channel=True)
     return folded, bias.float()
 

@@ -48,25 +48,18 @@ from torch import nn
 from bqat.export.fixed import FixedQuantizer
 from bqat.export.qdq_ops import DequantizeConst
 from bqat.export.weights import quantized_layers
+from bqat.quant.integer_bias import stretch_limit as codes_stretch_limit
 from bqat.quant.modules import QConv2d, QConv2dSame, QLinear, attach_output_quantizer, detach_output_quantizer
 
 DEFAULT_OPSET = 13
-INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
 
 
 def stretch_limit(grid: FixedQuantizer, input_hi: int = 255) -> int:
     """The largest m by which this weight grid's codes (and zero point) can be multiplied and
-    stay in their 8-bit container, with a pair of products within int16 for inputs up to `input_hi`."""
-    z = float(grid.zero_point.abs().max())
-    limits = [min(128, INT16_MAX // (2 * max(input_hi, 1))) // max(abs(grid.qn), abs(grid.qp), 1)]
-    if grid.qn < 0:
-        limits += [128 // abs(grid.qn), 127 // max(grid.qp, 1)]
-    else:
-        limits += [255 // max(grid.qp, 1)]
-    if z:
-        limits.append(int(127 // z))
-    return max(1, min(limits))
+    stay in their 8-bit container, with a pair of products within int16 for inputs up to `input_hi`
+    (bqat.quant.integer_bias.stretch_limit: the twin's integer bias uses the same m)."""
+    return codes_stretch_limit(grid.qn, grid.qp, float(grid.zero_point.abs().max()), input_hi)
 
 
 def bias_multipliers(bias: torch.Tensor, step: torch.Tensor, limit: int) -> torch.Tensor:

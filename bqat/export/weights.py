@@ -36,6 +36,7 @@ from bqat.export.fold import can_fold, fold_batchnorm, remainder
 from bqat.export.pack import pack_codes, packed_size, unpack_codes
 from bqat.models import build_model
 from bqat.models.graph import TraceError, conv_bn_pairs
+from bqat.quant.integer_bias import bias_shifts
 from bqat.quant.modules import QUANT_MODULES, QConv2d, QLinear, attach_output_quantizer, output_quantizer
 from bqat.quant.twin import set_bn_eps, swap_modules
 
@@ -115,6 +116,7 @@ def pack_twin(twin: nn.Module, calib_x: torch.Tensor, model_info: dict, fold_bn:
         freeze(q, name)
     acts = _quantizer_io(twin, act_quantizers, calib_x)
     folds = foldable_pairs(twin) if fold_bn else {}
+    shifts = bias_shifts(twin)  # twin.integer_bias_epochs: the biases as the twin computes them
 
     tensors, layout, stored = {}, {}, set()  # `stored`: state-dict keys written in their packed form
     for name, m in layers:
@@ -126,7 +128,7 @@ def pack_twin(twin: nn.Module, calib_x: torch.Tensor, model_info: dict, fold_bn:
             codes = wq.codes(w)
             if name in folds:
                 bn = folds[name]
-                wq, tensors[f"{name}.bias"] = fold_batchnorm(wq, m.bias, twin.get_submodule(bn))
+                wq, tensors[f"{name}.bias"] = fold_batchnorm(wq, m.bias, twin.get_submodule(bn), shifts.pop(bn, None))
                 entry["folded_bn"] = bn
                 stored.add(f"{name}.bias")
             tensors[f"{name}.weight.codes"] = pack_codes(codes, wq.bits, wq.qn)
@@ -147,6 +149,8 @@ def pack_twin(twin: nn.Module, calib_x: torch.Tensor, model_info: dict, fold_bn:
     for key, value in twin.state_dict().items():
         if key not in stored and not key.startswith(gone):
             tensors[key] = value.detach().cpu()
+    for name, delta in shifts.items():  # a BatchNorm not folded, a Linear: the shift goes into its bias
+        tensors[f"{name}.bias"] = (tensors[f"{name}.bias"].double() + delta.double().cpu()).float()
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "layers": json.dumps(layout), "model": json.dumps(model_info)}
     return tensors, metadata

@@ -14,6 +14,7 @@ from torch import nn
 from bqat.config import bits_config, default_option, named_config
 from bqat.errors import UserError
 from bqat.models.graph import TraceError, residual_points
+from bqat.quant.integer_bias import attach_integer_bias
 from bqat.quant.mixed import apply_patterns, describe, layer_patterns
 from bqat.quant.modules import QUANT_MODULES, QConv2d, attach_output_quantizer, output_quantizer
 from bqat.quant.registry import get_quantizer
@@ -267,12 +268,14 @@ def residual_bits_of(twin: nn.Module) -> int | None:
 
 
 def twin_from_config(fp: nn.Module, cfg, quant=None) -> nn.Module:
-    """The twin of a run config as bqat-train builds it (make_twin, twin.bn_eps, twin.residual_bits),
+    """The twin of a run config as bqat-train builds it (make_twin, twin.bn_eps,
+    twin.integer_bias_epochs, twin.residual_bits),
     without the SyncBatchNorm swap of multi-process runs: what export, benchmarks and tests rebuild.
     `quant` replaces cfg.quant (the quant config as train.choose_compile resolved it)."""
     quant = cfg.quant if quant is None else quant
     twin = make_twin(fp, quant, cfg.bits)
     recipe = cfg.get("twin") or {}
     set_bn_eps(twin, recipe.get("bn_eps"))
+    attach_integer_bias(twin, recipe.get("integer_bias_epochs"))
     add_residual_quantizers(twin, quant, recipe.get("residual_bits"))
     return twin
