@@ -67,9 +67,12 @@ def validate(cfg: DictConfig) -> None:
     residual = (cfg.get("twin") or {}).get("residual_bits")
     if residual is not None:
         _check_bits(residual, "twin.residual_bits", allow=("auto",))
-    integer_bias = (cfg.get("twin") or {}).get("integer_bias_epochs")
-    if integer_bias is not None and (isinstance(integer_bias, bool) or not isinstance(integer_bias, int) or integer_bias < 0):
-        raise UserError(f"twin.integer_bias_epochs must be a whole number of epochs >= 0 (0: off), got {integer_bias!r}")
+    integer_bias = (cfg.get("twin") or {}).get("integer_bias", False)
+    if not isinstance(integer_bias, bool):
+        raise UserError(f"twin.integer_bias must be true or false, got {integer_bias!r}")
+    from bqat.quant.integer_bias import frozen_epochs
+
+    frozen_epochs(cfg.get("twin") or {})
     per_channel = cfg.quant.get("per_channel", False)
     if not isinstance(per_channel, bool) and per_channel != "auto":
         raise UserError(f"quant.per_channel must be true, false or auto, got {per_channel!r}")

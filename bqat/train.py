@@ -125,8 +125,8 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
     if distributed and cfg.trainer.get("sync_bn", True):
         twin = dist.convert_sync_batchnorm(twin, device)
     # After the SyncBatchNorm swap: the hooks go onto the modules that stay.
-    integer_bias_epochs = cfg.twin.get("integer_bias_epochs") or 0
-    attach_integer_bias(twin, integer_bias_epochs)
+    integer_bias_epochs = integer_bias.frozen_epochs(cfg.twin)
+    attach_integer_bias(twin, cfg.twin.get("integer_bias", False))
     add_residual_quantizers(twin, quant_cfg, cfg.twin.get("residual_bits"))  # quant.compile as resolved
     hybrid = accel.prepare(BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed,
                                             example_input=data.input_size))
@@ -215,6 +215,7 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
         "depthwise": str(cfg.bits.get("depthwise", "same")),
         "twin_bn_eps": cfg.twin.bn_eps,
         "twin_residual_bits": residual_bits_of(hybrid.twin),
+        "twin_integer_bias": bool(integer_bias.hooks(hybrid.twin)),  # twin.integer_bias as built
         "twin_integer_bias_epochs": integer_bias_epochs,  # twin.residual_bits as built (auto resolved)
         "clip_grad": cfg.trainer.get("clip_grad"),
         # Per-layer precision and what it costs (bqat.quant.size says what counts).

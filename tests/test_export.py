@@ -90,8 +90,8 @@ def make_run(run_dir, *overrides):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    # resnet20, LSQ, W2A2, first/last at 8 bits, the paper's twin (no residual grids)
-    twin, data = make_run(run_dir, "data.image_size=8", "twin.residual_bits=null")
+    # resnet20, LSQ, W2A2, first/last at 8 bits, the paper's twin (no residual grids, float biases)
+    twin, data = make_run(run_dir, "data.image_size=8", "twin.residual_bits=null", "twin.integer_bias=false")
     main([str(run_dir), "--limit-val-batches", "1", "--latency-runs", "2", "--threads", "1"])
     x, _ = next(iter(data.val))
     return run_dir, twin, x[:16]
@@ -99,7 +99,8 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def residual_run(tmp_path_factory):
-    """resnet20 with train.yaml's twin.residual_bits=auto (8-bit residual grids; 8x8 digits), exported without latency."""
+    """resnet20 with train.yaml's defaults (twin.residual_bits=auto: 8-bit residual grids; twin.integer_bias;
+    8x8 digits), exported without latency."""
     run_dir = tmp_path_factory.mktemp("export") / "residual"
     twin, data = make_run(run_dir, "data.image_size=8")
     report = export_run(run_dir, limit_val_batches=1, latency_runs=0)
@@ -204,7 +205,7 @@ def test_rebuilt_twin_logits_match_the_trained_twins(run):
 
 def test_unfolded_per_channel_export_is_bit_exact_and_keeps_batchnorm(tmp_path):
     twin, data = make_run(tmp_path / "run", "quant.per_channel=true", "bits='3'", "bits.first_last=fp", "data.image_size=8",
-                          "twin.residual_bits=null")
+                          "twin.residual_bits=null", "twin.integer_bias=false")
     report = export_run(tmp_path / "run", limit_val_batches=1, fold_bn=False, latency_runs=0)
     assert report["quantized_layers"] == report["qdq_pairs"] == 18  # conv1 and fc stay float
     assert report["folded_bn"] == 0 and report["batchnorm_left"] == 19 and report["rebuilt_max_abs_logit_diff"] == 0.0
@@ -272,35 +273,44 @@ def test_onnxruntime_runs_the_quantized_layers_as_integer_ops(run, residual_run)
     assert "Add" in report["float_layers"]["layer1.0.conv2"]
     assert sum(n for op, n in report["float_ops"].items() if "Conv" in op) == 10  # onnxruntime fuses the Add into them
 
-    # Trained with twin.residual_bits: every conv and the linear layer could run on integers; the
-    # 8-bit stem, whose codes cannot be stretched, would round its bias by more than 1% of the
-    # next grid's step, so it runs in float (exactly), the rest on integers.
+    # Trained with twin.residual_bits and twin.integer_bias (the defaults): every conv and the
+    # linear layer run on integers, the 8-bit stem too (its bias already on the accumulator grid).
     _, twin, x, residual = residual_run
-    assert residual["quantized_ops"] == 20 and residual["integer_ops"] == 19
-    assert list(residual["float_layers"]) == ["conv1"] and "int32 bias" in residual["float_layers"]["conv1"]
-    assert residual["integer_op_types"] == {"QLinearConv": 18, "QGemm": 1}
+    assert residual["quantized_ops"] == residual["integer_ops"] == 20 and residual["float_layers"] == {}
+    assert residual["integer_op_types"] == {"QLinearConv": 19, "QGemm": 1}
     assert residual["float_ops"].get("Add", 0) <= 2  # the two option-A (slice + pad) shortcuts
     assert residual["twin_residual_bits"] == 8 and residual["rebuilt_max_abs_logit_diff"] <= FOLD_TOLERANCE
     optimized = onnx.load(str(residual_run[0] / "export" / "model.optimized.onnx"))
     assert onnx_qdq.op_counts(optimized)["QLinearAdd"] >= 7
 
 
-def test_a_twin_trained_with_integer_biases_exports_an_integer_graph_that_computes_it(tmp_path, residual_run):
-    """twin.integer_bias_epochs: the twin's biases already sit on the accumulator grids, so every
-    layer (the 8-bit stem too) runs on integers and the graph rounds nothing the twin did not."""
-    _, _, x, default = residual_run
-    twin, data = make_run(tmp_path / "run", "data.image_size=8", "twin.integer_bias_epochs=1")
-    report = export_run(tmp_path / "run", limit_val_batches=1, latency_runs=0)
-    assert report["quantized_ops"] == report["integer_ops"] == 20 and report["float_layers"] == {}
-    assert report["integer_op_types"] == {"QLinearConv": 19, "QGemm": 1}
-    # The same twin without the option: its int32 biases move the logits by 1e-3 to 0.3 (README).
-    assert report["max_abs_logit_diff"] < 1e-5 < default["max_abs_logit_diff"]
-    assert report["agreement"] == 1.0 and report["rebuilt_max_abs_logit_diff"] < 1e-5
-    rebuilt = load_packed_twin(tmp_path / "run" / "export" / "weights.safetensors")
+def test_integer_biases_leave_the_integer_graph_nothing_to_round(tmp_path, residual_run):
+    """twin.integer_bias (the default): the twin's biases already sit on the accumulator grids, so
+    the integer graph computes the twin; without it the int32 roundings move the logits and keep
+    the 8-bit stem (whose codes cannot be stretched) in float."""
+    run_dir, _, x, default = residual_run
+    # (an untrained twin's logits tie exactly on some images, so its agreement may still be < 1)
+    assert default["max_abs_logit_diff"] < 1e-5 and default["rebuilt_max_abs_logit_diff"] < 1e-5
+    rebuilt = load_packed_twin(run_dir / "export" / "weights.safetensors")
     view = onnx_qdq.integer_view(rebuilt, x[:1])
     steps = kernels.output_steps(onnx_qdq.export_onnx(view, tmp_path / "view.onnx", x[:1]))
     errors = onnx_qdq.bias_errors(view, rebuilt)
     assert len(errors) == 20 and max(errors[n] / steps[n] for n in errors if n in steps) < 1e-5
+
+    make_run(tmp_path / "float", "data.image_size=8", "twin.integer_bias=false")
+    report = export_run(tmp_path / "float", limit_val_batches=1, latency_runs=0)
+    assert report["quantized_ops"] == 20 and report["integer_ops"] == 19
+    assert list(report["float_layers"]) == ["conv1"] and "int32 bias" in report["float_layers"]["conv1"]
+    assert report["max_abs_logit_diff"] > 1e-5  # 1e-3 to 0.3 on such runs (README)
+
+
+def test_unfolded_export_of_an_integer_bias_twin_stores_the_rounded_bias_in_its_batchnorms(tmp_path):
+    twin, data = make_run(tmp_path / "run", "data.image_size=8")
+    report = export_run(tmp_path / "run", limit_val_batches=1, fold_bn=False, latency_runs=0)
+    assert report["folded_bn"] == 0 and report["rebuilt_max_abs_logit_diff"] < 1e-5
+    with safe_open(str(tmp_path / "run" / "export" / "weights.safetensors"), framework="pt") as f:
+        stored = f.get_tensor("layer1.0.bn1.bias")
+    assert not torch.equal(stored, twin.get_submodule("layer1.0.bn1").bias.detach())  # the shift is in it
 
 
 def test_the_twin_and_the_exporter_stretch_weight_codes_alike():
@@ -412,13 +422,13 @@ def test_bias_tolerance_trades_integer_ops_for_the_twins_exact_bias(tmp_path, re
     """--bias-tolerance 0: every conv whose int32 bias would miss its float bias runs in float,
     so the integer graph computes the rebuilt twin but for onnxruntime's summation order."""
     _, _, x, default = residual_run
-    twin, data = make_run(tmp_path / "run", "data.image_size=8")
+    twin, data = make_run(tmp_path / "run", "data.image_size=8", "twin.integer_bias=false")
     main([str(tmp_path / "run"), "--limit-val-batches", "1", "--latency-runs", "0", "--bias-tolerance", "0"])
     report = json.loads((tmp_path / "run" / "export" / "report.json").read_text())
     assert report["bias_tolerance"] == 0 and report["integer_ops"] < default["integer_ops"]
     assert all("--bias-tolerance 0" in why for why in report["float_layers"].values())
     # Left on integers: fc, whose output (the logits) has no grid to move a code on.
-    assert report["integer_op_types"] == {"QGemm": 1} and default["integer_op_types"]["QLinearConv"] == 18
+    assert report["integer_op_types"] == {"QGemm": 1} and default["integer_op_types"]["QLinearConv"] == 19
 
 
 def test_python_m_bqat_export_on_a_missing_run_dir_prints_one_line(tmp_path):

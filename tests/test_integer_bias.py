@@ -20,7 +20,7 @@ def twin(compose_cfg):
     cfg = compose_cfg("bits='4'", "twin.residual_bits=null")
     fp = build_model(cfg.model, 10, in_chans=3)
     twin = make_twin(fp, cfg.quant, cfg.bits)
-    assert attach_integer_bias(twin, 1) == 20  # 19 conv -> BatchNorm pairs and fc
+    assert attach_integer_bias(twin) == 20  # 19 conv -> BatchNorm pairs and fc
     torch.manual_seed(0)
     with torch.no_grad():
         twin.train()(torch.randn(8, 3, 16, 16))
@@ -96,17 +96,18 @@ def test_frozen_training_computes_the_eval_function_keeps_statistics_and_trains_
     assert not torch.allclose(ordinary, out, atol=1e-3)
 
 
-def test_the_option_off_hooks_nothing_and_bad_values_fail_in_one_line(compose_cfg):
+def test_on_by_default_off_in_the_paper_tables_and_bad_values_fail_in_one_line(compose_cfg):
     cfg = compose_cfg()
-    assert cfg.twin.integer_bias_epochs == 0  # the default: the paper's twin
+    assert cfg.twin.integer_bias is True and cfg.twin.integer_bias_epochs == 0
     fp = build_model(cfg.model, 10, in_chans=3)
-    assert not hooks(twin_from_config(fp, cfg))
-    assert len(hooks(twin_from_config(fp, compose_cfg("twin.integer_bias_epochs=2")))) == 20
-    for bad in ("-1", "true", "0.5"):
-        with pytest.raises(UserError, match="twin.integer_bias_epochs must be a whole number"):
-            validate(compose_cfg(f"twin.integer_bias_epochs={bad}"))
-    with pytest.raises(UserError, match="twin.integer_bias_epochs must be"):
-        attach_integer_bias(make_twin(fp, "lsq", 4), -1)
+    assert len(hooks(twin_from_config(fp, cfg))) == 20
+    paper = compose_cfg("experiment=cifar10_resnet20")
+    assert paper.twin.integer_bias is False and not hooks(twin_from_config(fp, paper))
+    for key, bad in (("integer_bias_epochs", "-1"), ("integer_bias_epochs", "true"), ("integer_bias_epochs", "0.5"), ("integer_bias", "2")):
+        with pytest.raises(UserError, match=f"twin.{key} must be"):
+            validate(compose_cfg(f"twin.{key}={bad}"))
+    with pytest.raises(UserError, match="needs twin.integer_bias=true"):
+        validate(compose_cfg("twin.integer_bias=false", "twin.integer_bias_epochs=1"))
 
 
 def test_a_hook_without_an_integer_zero_point_leaves_the_bias_float():

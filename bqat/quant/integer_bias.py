@@ -1,4 +1,4 @@
-"""`twin.integer_bias_epochs`: the twin computes its biases as an integer backend does.
+"""`twin.integer_bias`: the twin computes its biases as an integer backend does.
 
 bqat-export folds each BatchNorm that follows a quantized conv into that conv
 (bqat.export.fold). Per output channel o, with the conv's integer accumulator acc_o,
@@ -8,20 +8,21 @@ onnxruntime's QLinearConv adds the bias inside the accumulator, as an int32 on t
 g_o = s_x * s_w * a_o / m (m: the stretch of the int8 weight codes, at most `stretch_limit`;
 bqat.export.onnx_qdq), so the integer graph computes the twin with each B_o rounded to g_o.
 That rounding is at most half a step of g, yet in a deep low-bit net the codes it flips
-propagate to the logits (README, "Exporting a run": 5 of 1,767 images change class on a
+propagate to the logits (README, "Exporting a run": 8 of 1,767 images change class on a
 resnet18 W4A4 run).
 
 With this option the twin computes the rounding itself (`IntegerBias`, a forward hook):
-- in eval mode (validation, the checkpoints' val top-1, bqat-export) each such BatchNorm
-  computes a * x + round(B / g) * g from its running statistics: the folded form, with the
-  bias the integer graph will hold, so the exported graph computes what was validated;
-- for the last N epochs of training (`freeze`), the same in train mode, with the running
-  statistics frozen: the twin trains on the function it is deployed as (the rounding passes
-  the gradient straight through: B is what gamma and beta learn).
+- in eval mode (every validation, best.pt's choice, bqat-export) each such BatchNorm computes
+  a * x + round(B / g) * g from its running statistics: the folded form, with the bias the
+  integer graph will hold, so the val top-1 is the integer graph's and the export rounds
+  nothing the twin did not. Training is unchanged: in train mode BatchNorm normalises with
+  batch statistics, whose eval-time form was never what the twin trained on either;
+- with `twin.integer_bias_epochs=N` (`freeze`), the last N epochs train in that form too, the
+  running statistics frozen: the twin trains on the function it is deployed as (the
+  rounding passes the gradient straight through: B is what gamma and beta learn).
 A quantized Linear's own bias (QGemm rounds it to s_x * s_w / m) gets the same treatment.
-Before the last N epochs training is unchanged (batch statistics). bqat-export bakes the
-shift into the stored bias (`bias_shifts`), so the packed file and the ONNX hold the rounded
-bias and the int32 codes come out exact.
+bqat-export bakes the shift into the stored bias (`bias_shifts`), so the packed file and the
+ONNX hold the rounded bias and the int32 codes come out exact.
 """
 
 from __future__ import annotations
@@ -106,7 +107,12 @@ class IntegerBias:
             if g is None:
                 return None
             safe = torch.where(g == 0, torch.ones_like(g), g)
-            return torch.where(g == 0, torch.zeros_like(bias), torch.round(bias / safe) * safe - bias)
+            # The integer k = round(B / g) in float32 whatever the twin's dtype: a twin run in
+            # float64 (bqat-export's Float64Check) then holds the same biases as the float32
+            # one whose k the export stores (B / g can reach 1e4, where the two would differ
+            # at a rounding tie now and then).
+            k = torch.round(bias.float() / safe.float()).to(bias.dtype)
+            return torch.where(g == 0, torch.zeros_like(bias), k * safe - bias)
 
     def __call__(self, module: nn.Module, args, output):
         if module.training and not self.frozen:
@@ -126,19 +132,21 @@ def hooks(twin: nn.Module) -> list[IntegerBias]:
     return [h for m in twin.modules() for h in m._forward_hooks.values() if isinstance(h, IntegerBias)]
 
 
-def attach_integer_bias(twin: nn.Module, epochs) -> int:
-    """`twin.integer_bias_epochs` (None or 0: nothing): hook IntegerBias onto every plain
-    BatchNorm that directly follows a quantized conv (read from the traced graph, as the
-    export folds) and onto every quantized Linear with a bias. Returns how many were hooked."""
-    if not epochs:
+def attach_integer_bias(twin: nn.Module, enabled=True) -> int:
+    """`twin.integer_bias` (false: nothing): hook IntegerBias onto every plain BatchNorm that
+    directly follows a quantized conv (read from the traced graph, as the export folds) and
+    onto every quantized Linear with a bias. A model torch.fx cannot trace gets no hook on its
+    BatchNorms, with a warning (bqat-export then rounds their biases). Returns how many were hooked."""
+    if not isinstance(enabled, bool):
+        raise UserError(f"twin.integer_bias must be true or false, got {enabled!r}")
+    if not enabled:
         return 0
-    if not (isinstance(epochs, int) and epochs > 0):
-        raise UserError(f"twin.integer_bias_epochs must be a whole number of epochs >= 0, got {epochs!r}")
     try:
         pairs = conv_bn_pairs(twin)
     except TraceError as err:
-        raise UserError(f"twin.integer_bias_epochs needs the model's conv -> BatchNorm pairs, which torch.fx reads: {err}; "
-                        "set twin.integer_bias_epochs=0") from None
+        log.warning(f"twin.integer_bias: torch.fx cannot read the model's conv -> BatchNorm pairs ({err}); "
+                    "their biases stay float in the twin, and bqat-export rounds them")
+        pairs = []
     quantized = lambda m: isinstance(m, (QConv2d, QLinear)) and m.weight_quantizer is not None and m.input_quantizer is not None  # noqa: E731
     hooked, skipped = 0, []
     for conv, bn in pairs:
@@ -155,11 +163,22 @@ def attach_integer_bias(twin: nn.Module, epochs) -> int:
             layer.register_forward_hook(IntegerBias(layer, None), prepend=True)
             hooked += 1
     if skipped:
-        log.warning(f"twin.integer_bias_epochs: {len(skipped)} BatchNorms of another type keep a float bias "
+        log.warning(f"twin.integer_bias: {len(skipped)} BatchNorms of another type keep a float bias "
                     f"(e.g. {skipped[0]}); bqat-export rounds theirs")
-    log.info(f"twin: {hooked} biases on the integer accumulator grid (twin.integer_bias_epochs={epochs}: "
-             f"BatchNorm folded, statistics frozen, for the last {epochs} epochs)")
+    if hooked:
+        log.info(f"twin: {hooked} biases on the integer accumulator grid in evaluation (twin.integer_bias)")
     return hooked
+
+
+def frozen_epochs(recipe) -> int:
+    """`twin.integer_bias_epochs` of a run's `twin` config, checked: the last epochs that train
+    in the folded form (0 without twin.integer_bias)."""
+    epochs = recipe.get("integer_bias_epochs") or 0
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise UserError(f"twin.integer_bias_epochs must be a whole number of epochs >= 0 (0: off), got {epochs!r}")
+    if epochs and not recipe.get("integer_bias", False):
+        raise UserError("twin.integer_bias_epochs trains the twin with its integer biases, which needs twin.integer_bias=true")
+    return epochs
 
 
 def freeze(twin: nn.Module, frozen: bool) -> None:

@@ -269,13 +269,13 @@ def residual_bits_of(twin: nn.Module) -> int | None:
 
 def twin_from_config(fp: nn.Module, cfg, quant=None) -> nn.Module:
     """The twin of a run config as bqat-train builds it (make_twin, twin.bn_eps,
-    twin.integer_bias_epochs, twin.residual_bits),
+    twin.integer_bias, twin.residual_bits),
     without the SyncBatchNorm swap of multi-process runs: what export, benchmarks and tests rebuild.
     `quant` replaces cfg.quant (the quant config as train.choose_compile resolved it)."""
     quant = cfg.quant if quant is None else quant
     twin = make_twin(fp, quant, cfg.bits)
     recipe = cfg.get("twin") or {}
     set_bn_eps(twin, recipe.get("bn_eps"))
-    attach_integer_bias(twin, recipe.get("integer_bias_epochs"))
+    attach_integer_bias(twin, recipe.get("integer_bias", False))
     add_residual_quantizers(twin, quant, recipe.get("residual_bits"))
     return twin
