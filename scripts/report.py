@@ -9,7 +9,7 @@ when the runs differ in model size (`weight_bits`, e.g. per-layer precision with
 
 One row per cell: data x model x quantizer x schedule x bits x first/last policy x epochs
 x learning rate x loss settings (every `loss.*` key that acts under the run's schedule, so
-an objective ablation gets one row per variant) x `twin.residual_bits` x model size in bits (runs with other
+an objective ablation gets one row per variant) x `twin.residual_bits` x `twin.integer_bias` x model size in bits (runs with other
 per-layer widths, bits.layers, are other cells). Runs of a cell that differ only in seed
 are aggregated (mean and sample std of the LP top-1, and each seed's value). Each row
 carries the FP partner's top-1, the LP twin's top-1, its difference from the same cell with
@@ -38,7 +38,7 @@ from bqat.errors import UserError  # noqa: E402
 
 # What makes two runs the same cell (seeds are aggregated over).
 KEY = ("data", "model", "quant", "schedule", "bits_w", "bits_a", "first_last", "epochs", "lr", "w_kd", "loss", "weight_bits",
-       "residual_bits")
+       "residual_bits", "integer_bias")
 REQUIRED = ("top1", "model", "quant", "schedule", "bits_w", "bits_a", "first_last", "epoch")
 BASELINE_SCHEDULE = "none"
 PLOT_NAME = "top1_vs_bits.png"
@@ -46,7 +46,7 @@ SIZE_PLOT_NAME = "top1_vs_size.png"
 
 COLUMNS = (
     "data", "model", "quant", "schedule", "method", "bits_w", "bits_a", "first_last", "epochs", "lr", "w_kd", "loss",
-    "weight_bits", "avg_weight_bits", "residual_bits", "n_seeds", "seeds", "top1_by_seed", "fp_top1", "top1", "top1_std", "best_top1",
+    "weight_bits", "avg_weight_bits", "residual_bits", "integer_bias", "n_seeds", "seeds", "top1_by_seed", "fp_top1", "top1", "top1_std", "best_top1",
     "delta_vs_none",
     "train_s", "wall_s",
     "published_top1", "published_fp_top1", "published_method", "published_source", "run_dirs",
@@ -140,6 +140,7 @@ def record(metrics: dict, run_dir: Path) -> dict:
         "loss": loss_label(loss),
         "weight_bits": metrics.get("weight_bits"),  # None in runs written before bqat measured it
         "residual_bits": metrics.get("twin_residual_bits"),  # None: the paper's twin (twin.residual_bits)
+        "integer_bias": integer_bias_label(metrics),
         "avg_weight_bits": metrics.get("avg_weight_bits"),
         "mixed": bool(metrics.get("bits_layers")),
         "seed": metrics.get("seed"),
@@ -155,12 +156,24 @@ def record(metrics: dict, run_dir: Path) -> dict:
 # ---------------------------------------------------------------- the table
 
 
-def method_name(quant: str, schedule: str, loss: str, residual_bits: int | None = None) -> str:
-    """`lsq` (plain QAT), `lsq+prefix` (with block replacement), then the loss label (`+kd1@T2+mpkd1`)
-    and `+res8` for a twin with residual grids (twin.residual_bits=8)."""
+def integer_bias_label(metrics: dict) -> str:
+    """'' (float biases: the paper's twin, and runs from before the key), 'ib' (twin.integer_bias:
+    the rounded bias in evaluation) or 'ib<N>' (and the last N epochs trained in that form)."""
+    epochs = int(metrics.get("twin_integer_bias_epochs") or 0)
+    # A run of the first version of the option recorded only the epochs, which implied the hooks.
+    if not metrics.get("twin_integer_bias", bool(epochs)):
+        return ""
+    return f"ib{epochs}" if epochs else "ib"
+
+
+def method_name(quant: str, schedule: str, loss: str, residual_bits: int | None = None, integer_bias: str = "") -> str:
+    """`lsq` (plain QAT), `lsq+prefix` (with block replacement), then the loss label (`+kd1@T2+mpkd1`),
+    `+res8` for a twin with residual grids (twin.residual_bits=8) and `+ib` / `+ib1` for one with
+    integer biases (twin.integer_bias, twin.integer_bias_epochs=1)."""
     name = quant if schedule == BASELINE_SCHEDULE else f"{quant}+{schedule}"
     name = f"{name}+{loss}" if loss else name
-    return f"{name}+res{residual_bits}" if residual_bits else name
+    name = f"{name}+res{residual_bits}" if residual_bits else name
+    return f"{name}+{integer_bias}" if integer_bias else name
 
 
 def mean_or_none(values) -> float | None:
@@ -183,7 +196,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
         top1 = [r["top1"] for r in group]
         row = dict(zip(KEY, key), T=group[0]["T"])  # the loss label fixes the effective T
         row.update(
-            method=method_name(row["quant"], row["schedule"], row["loss"], row["residual_bits"]),
+            method=method_name(row["quant"], row["schedule"], row["loss"], row["residual_bits"], row["integer_bias"]),
             n_seeds=len(group),
             seeds=",".join(str(s) for s in sorted(seeds, key=str)),
             top1_by_seed=";".join(f"s{r['seed']}:{r['top1']:.2f}" for r in sorted(group, key=lambda r: str(r["seed"]))),
@@ -206,7 +219,7 @@ def sort_key(row: dict) -> tuple:
     # Tables read best grouped by network, widest bits first, baseline above its variants.
     return (row["data"], row["model"], row["first_last"], row["epochs"], row["lr"] is not None, row["lr"] or 0.0, row["w_kd"],
             -row["bits_w"], -row["bits_a"], row["quant"], row["schedule"] != BASELINE_SCHEDULE, row["schedule"], row["loss"],
-            row["residual_bits"] or 0)
+            row["residual_bits"] or 0, row["integer_bias"])
 
 
 def baseline_key(row: dict) -> tuple:

@@ -168,3 +168,16 @@ def test_report_keeps_twins_with_residual_grids_apart(tmp_path):
     assert set(rows) == {"lsq", "lsq+res8", "lsq+prefix", "lsq+prefix+res8"}
     assert all(r["n_seeds"] == "1" for r in rows.values()) and rows["lsq+prefix+res8"]["residual_bits"] == "8"
     assert rows["lsq+prefix"]["delta_vs_none"] == "2.00" and rows["lsq+prefix+res8"]["delta_vs_none"] == "6.00"
+
+
+def test_report_keeps_twins_with_integer_biases_apart(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "br", schedule="prefix", top1=72.0)  # before the key: float biases
+    write_run(runs, "br-ib", schedule="prefix", top1=72.5, twin_integer_bias=True, twin_integer_bias_epochs=0)
+    write_run(runs, "br-ib1", schedule="prefix", top1=71.0, twin_integer_bias=True, twin_integer_bias_epochs=1)
+    write_run(runs, "br-first", schedule="prefix", top1=71.5, seed=1, twin_integer_bias_epochs=1)  # the option's first version
+    proc = run_report(runs, "--name", "t", "--out", tmp_path / "reports")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in read_rows(tmp_path / "reports" / "t")}
+    assert set(rows) == {"lsq+prefix", "lsq+prefix+ib", "lsq+prefix+ib1"}
+    assert rows["lsq+prefix+ib1"]["n_seeds"] == "2" and rows["lsq+prefix+ib"]["integer_bias"] == "ib"
