@@ -124,7 +124,7 @@ def test_export_writes_the_files_and_the_report(run):
     # In float64 the fold is the twin's function: no rounding tie flips a code (Float64Check).
     assert report["rebuilt_fp64_within_tolerance"] == 1.0 and report["rebuilt_fp64_max_abs_logit_diff"] <= 1e-9
     assert report["fp64_images"] == 64 and 0 <= report["twin_fp32_within_tolerance"] <= 1  # the batches checked
-    assert report["bias_tolerance"] == 0.01 and report["twin_residual_bits"] is None
+    assert report["bias_tolerance"] == 0.01 and report["twin_residual_bits"] is None and report["twin_integer_bias"] is False
     assert report["fold_bn"] is True and report["folded_bn"] == 19 and report["batchnorm_left"] == 0
 
     fp_state = build_model(OmegaConf.load(out / "config.yaml").model, 10).state_dict()
@@ -278,6 +278,7 @@ def test_onnxruntime_runs_the_quantized_layers_as_integer_ops(run, residual_run)
     _, twin, x, residual = residual_run
     assert residual["quantized_ops"] == residual["integer_ops"] == 20 and residual["float_layers"] == {}
     assert residual["integer_op_types"] == {"QLinearConv": 19, "QGemm": 1}
+    assert residual["twin_integer_bias"] is True
     assert residual["float_ops"].get("Add", 0) <= 2  # the two option-A (slice + pad) shortcuts
     assert residual["twin_residual_bits"] == 8 and residual["rebuilt_max_abs_logit_diff"] <= FOLD_TOLERANCE
     optimized = onnx.load(str(residual_run[0] / "export" / "model.optimized.onnx"))

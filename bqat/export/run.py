@@ -25,7 +25,7 @@ from bqat.export import kernels, latency, onnx_qdq
 from bqat.export.rundir import checkpoint_path
 from bqat.export.weights import load_packed_twin, pack_twin, packed_bytes, quantized_layers, save_packed
 from bqat.models import build_model
-from bqat.quant import residual_bits_of, twin_from_config
+from bqat.quant import integer_bias, residual_bits_of, twin_from_config
 
 
 # The folded twin equals the trained twin to float rounding; README ("Exporting a run") says why
@@ -242,6 +242,7 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", opset: int = onnx_
         "bits_a": int(cfg.bits.a),
         "first_last": str(cfg.bits.first_last),
         "twin_residual_bits": residual_bits_of(twin),
+        "twin_integer_bias": bool(integer_bias.hooks(twin)),  # the biases the twin rounds itself (twin.integer_bias)
     })
     if latency_runs > 0:
         threads = latency.default_threads() if threads is None else threads
