@@ -37,7 +37,6 @@ from bqat.models import build_model, check_split, model_boundaries
 from bqat.partner import get_partner
 from bqat.preempt import stop_on_signals
 from bqat.quant import Quantizer, add_residual_quantizers, integer_bias, keep_scales_positive, make_twin, residual_bits_of, set_bn_eps
-from bqat.quant.integer_bias import attach_integer_bias
 from bqat.quant.size import layer_macs, model_size
 from bqat.quant.twin import layer_widths, weights_per_channel
 from bqat.replace import BlockReplacement
@@ -126,7 +125,7 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
         twin = dist.convert_sync_batchnorm(twin, device)
     # After the SyncBatchNorm swap: the hooks go onto the modules that stay.
     integer_bias_epochs = integer_bias.frozen_epochs(cfg.twin)
-    attach_integer_bias(twin, cfg.twin.get("integer_bias", False))
+    integer_bias.attach_integer_bias(twin, cfg.twin.get("integer_bias", False))
     add_residual_quantizers(twin, quant_cfg, cfg.twin.get("residual_bits"))  # quant.compile as resolved
     hybrid = accel.prepare(BlockReplacement(twin, partner, boundaries, cfg.schedule, cfg.loss, seed=cfg.seed,
                                             example_input=data.input_size))
@@ -172,7 +171,7 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
 
     def on_epoch_start(epoch: int) -> None:  # twin.integer_bias_epochs: the last epochs train the folded form
         frozen = bool(integer_bias_epochs) and epoch >= cfg.trainer.epochs - integer_bias_epochs
-        if frozen and epoch == max(0, cfg.trainer.epochs - integer_bias_epochs):
+        if frozen and not any(h.frozen for h in integer_bias.hooks(hybrid.twin)):  # the first such epoch, or a resumed one
             log.info(f"twin epoch {epoch + 1}: BatchNorm statistics frozen, biases on the integer grid (twin.integer_bias_epochs)")
         integer_bias.freeze(hybrid.twin, frozen)
 
@@ -214,9 +213,9 @@ def run_training(cfg: DictConfig, held: contextlib.ExitStack) -> dict:
         # Stability recipe of low-bit depthwise twins (README, "Models and blocks").
         "depthwise": str(cfg.bits.get("depthwise", "same")),
         "twin_bn_eps": cfg.twin.bn_eps,
-        "twin_residual_bits": residual_bits_of(hybrid.twin),
+        "twin_residual_bits": residual_bits_of(hybrid.twin),  # twin.residual_bits as built (auto resolved)
         "twin_integer_bias": bool(integer_bias.hooks(hybrid.twin)),  # twin.integer_bias as built
-        "twin_integer_bias_epochs": integer_bias_epochs,  # twin.residual_bits as built (auto resolved)
+        "twin_integer_bias_epochs": integer_bias_epochs,
         "clip_grad": cfg.trainer.get("clip_grad"),
         # Per-layer precision and what it costs (bqat.quant.size says what counts).
         "bits_layers": OmegaConf.to_container(cfg.bits.layers, resolve=True) if cfg.bits.get("layers") else None,

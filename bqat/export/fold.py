@@ -31,7 +31,7 @@ def can_fold(bn: nn.Module) -> bool:
 def fold_batchnorm(grid: FixedQuantizer, conv_bias: torch.Tensor | None, bn: nn.Module,
                    shift: torch.Tensor | None = None) -> tuple[FixedQuantizer, torch.Tensor]:
     """The folded weight grid (same bits and codes, per-channel scales) and the conv's new bias,
-    plus `shift` (a twin trained with twin.integer_bias_epochs: its bias on the integer grid)."""
+    plus `shift` (a twin built with twin.integer_bias: what it adds to put the bias on the int32 grid)."""
     var, mean = bn.running_var.double(), bn.running_mean.double()
     a = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:

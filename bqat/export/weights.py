@@ -116,7 +116,7 @@ def pack_twin(twin: nn.Module, calib_x: torch.Tensor, model_info: dict, fold_bn:
         freeze(q, name)
     acts = _quantizer_io(twin, act_quantizers, calib_x)
     folds = foldable_pairs(twin) if fold_bn else {}
-    shifts = bias_shifts(twin)  # twin.integer_bias_epochs: the biases as the twin computes them
+    shifts = bias_shifts(twin)  # twin.integer_bias: the biases as the twin computes them, on the int32 grids
 
     tensors, layout, stored = {}, {}, set()  # `stored`: state-dict keys written in their packed form
     for name, m in layers:
