@@ -67,12 +67,9 @@ def validate(cfg: DictConfig) -> None:
     residual = (cfg.get("twin") or {}).get("residual_bits")
     if residual is not None:
         _check_bits(residual, "twin.residual_bits", allow=("auto",))
-    integer_bias = (cfg.get("twin") or {}).get("integer_bias", False)
-    if not isinstance(integer_bias, bool):
-        raise UserError(f"twin.integer_bias must be true or false, got {integer_bias!r}")
     from bqat.quant.integer_bias import frozen_epochs
 
-    frozen_epochs(cfg.get("twin") or {})
+    frozen_epochs(cfg.get("twin") or {})  # twin.integer_bias and twin.integer_bias_epochs
     per_channel = cfg.quant.get("per_channel", False)
     if not isinstance(per_channel, bool) and per_channel != "auto":
         raise UserError(f"quant.per_channel must be true, false or auto, got {per_channel!r}")

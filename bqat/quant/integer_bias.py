@@ -95,17 +95,13 @@ class IntegerBias:
         b = -bn.running_mean if conv_bias is None else conv_bias - bn.running_mean
         return a, a * b + (0.0 if bn.bias is None else bn.bias)
 
-    def shift(self) -> torch.Tensor | None:
-        """round(B / g) * g - B per output channel, detached (None: no integer bias here)."""
+    def _shift(self, a: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor | None:
+        """round(B / g) * g - B per output channel for the bias B (and the BatchNorm's a), detached."""
         with torch.no_grad():
-            if self.bn is None:
-                bias = self.layer.bias
-                g = self.grid(torch.ones_like(bias))
-            else:
-                a, bias = self.folded()
-                g = self.grid(a)
+            g = self.grid(torch.ones_like(bias) if a is None else a.detach())
             if g is None:
                 return None
+            bias = bias.detach()
             safe = torch.where(g == 0, torch.ones_like(g), g)
             # The integer k = round(B / g) in float32 whatever the twin's dtype: a twin run in
             # float64 (bqat-export's Float64Check) then holds the same biases as the float32
@@ -114,15 +110,20 @@ class IntegerBias:
             k = torch.round(bias.float() / safe.float()).to(bias.dtype)
             return torch.where(g == 0, torch.zeros_like(bias), k * safe - bias)
 
+    def shift(self) -> torch.Tensor | None:
+        """round(B / g) * g - B per output channel, detached (None: no integer bias here)."""
+        return self._shift(None, self.layer.bias) if self.bn is None else self._shift(*self.folded())
+
     def __call__(self, module: nn.Module, args, output):
         if module.training and not self.frozen:
             return None  # ordinary training: batch statistics, the float bias
-        delta = self.shift()
+        if self.bn is None:
+            delta = self._shift(None, self.layer.bias)
+            return None if delta is None else output + delta
+        a, bias = self.folded()
+        delta = self._shift(a, bias)
         if delta is None:
             return None
-        if self.bn is None:
-            return output + delta
-        a, bias = self.folded()
         shape = (1, -1) + (1,) * (args[0].dim() - 2)
         # The folded form, whatever the BatchNorm computed: running statistics in train mode too.
         return args[0] * a.reshape(shape) + (bias + delta).reshape(shape)
@@ -137,9 +138,7 @@ def attach_integer_bias(twin: nn.Module, enabled=True) -> int:
     directly follows a quantized conv (read from the traced graph, as the export folds) and
     onto every quantized Linear with a bias. A model torch.fx cannot trace gets no hook on its
     BatchNorms, with a warning (bqat-export then rounds their biases). Returns how many were hooked."""
-    if not isinstance(enabled, bool):
-        raise UserError(f"twin.integer_bias must be true or false, got {enabled!r}")
-    if not enabled:
+    if not check_enabled(enabled):
         return 0
     try:
         pairs = conv_bn_pairs(twin)
@@ -170,9 +169,17 @@ def attach_integer_bias(twin: nn.Module, enabled=True) -> int:
     return hooked
 
 
+def check_enabled(value) -> bool:
+    """`twin.integer_bias`, checked: true or false."""
+    if not isinstance(value, bool):
+        raise UserError(f"twin.integer_bias must be true or false, got {value!r}")
+    return value
+
+
 def frozen_epochs(recipe) -> int:
-    """`twin.integer_bias_epochs` of a run's `twin` config, checked: the last epochs that train
-    in the folded form (0 without twin.integer_bias)."""
+    """`twin.integer_bias_epochs` of a run's `twin` config, checked with `twin.integer_bias`: the
+    last epochs that train in the folded form (0 without twin.integer_bias)."""
+    check_enabled(recipe.get("integer_bias", False))
     epochs = recipe.get("integer_bias_epochs") or 0
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise UserError(f"twin.integer_bias_epochs must be a whole number of epochs >= 0 (0: off), got {epochs!r}")
